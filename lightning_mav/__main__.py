@@ -1,0 +1,5 @@
+"""``python -m lightning_mav …`` is the ``mav`` command."""
+
+from lightning_mav.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The paper's networks as plain ``nn.Module``s (no Lightning here)."""
