@@ -53,6 +53,9 @@ class KeyReport:
 def _require_file(path: str | os.PathLike, hint: str = "") -> Path:
     p = Path(path).expanduser()
     if not p.is_file():
+        if not hint and p.parent.name == "checkpoints" and p.parent.parent.name:
+            # runs/<stage>/checkpoints/last.ckpt is made by experiments/<stage>.yaml
+            hint = f"run `lightning fit --config experiments/{p.parent.parent.name}.yaml` first"
         raise CheckpointError(f"checkpoint not found: {p}" + (f" — {hint}" if hint else ""))
     return p
 

@@ -1,0 +1,42 @@
+"""The project's own promises: README's commands are what CI runs, environment.yml matches pyproject."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    return [b.strip() for b in blocks[:2]]
+
+
+def test_readme_has_the_two_setup_commands_and_ci_runs_the_second() -> None:
+    demo, tests = readme_commands()
+    assert demo.endswith("mav demo") and "pip install" in demo
+    assert tests.endswith("pytest") and "'.[test]'" in tests
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert tests in ci.splitlines(), "the README's test command must be run verbatim by .ci/run"
+    assert "set -euo pipefail" in ci
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!\[ ]", req, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_environment_yml_matches_pyproject() -> None:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    by_name = {_name(p): p for p in pip if not p.startswith("-e")}
+    for req in deps:
+        name = _name(req)
+        assert name in by_name, f"environment.yml lacks {name}"
+        if name not in ("torch", "torchvision"):  # pinned to this machine's builds there
+            assert by_name[name].replace("_", "-").lower() == req.replace("_", "-").lower(), (req, by_name[name])
+    assert "python=3.11" in env["dependencies"]
