@@ -1,1 +1,30 @@
-"""WebDataset DataModules: text-image pairs (img2dataset layout) and unlabeled video (video2dataset layout)."""
+"""WebDataset DataModules: text-image pairs (img2dataset layout) and unlabeled video (video2dataset layout).
+
+- ``TextImageDataModule`` / ``VideoDataModule``: the two DataModules (``text_image.py``, ``video.py``).
+- ``shards``: URLs, splitting across ranks and workers, skip counting (``SkipTally``), the shared base.
+- ``decode``: PyAV clip sampling and PIL image decoding.
+- ``shapes``: the built-in Moving Shapes dataset (``python -m datamodules.shapes --out DIR``).
+
+The names below are imported lazily, so ``from datamodules.shapes import render_frame`` (metrics, CLI) does not
+pay for importing Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "TextImageDataModule": "datamodules.text_image",
+    "VideoDataModule": "datamodules.video",
+    "ShardDataModule": "datamodules.shards",
+    "SkipTally": "datamodules.shards",
+    "expand_urls": "datamodules.shards",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'datamodules' has no attribute {name!r}")

@@ -1,0 +1,610 @@
+"""Shared WebDataset machinery: shard URLs, rank/worker splitting, skip counting, the streams and loaders.
+
+Read top to bottom:
+
+1. **Skip counting** — ``SkipCounter`` (one per dataset copy, i.e. per worker process) counts every skipped
+   or repaired sample by reason; each batch carries a snapshot under ``batch["data_skipped"]``;
+   ``SkipTally`` sums the latest snapshot of every worker into totals (``data/skipped/<reason>``).
+   Errors are never handled with webdataset's ``warn_and_continue`` (it sleeps 0.5 s per error).
+2. **URLs** — ``expand_urls``: brace patterns, ``::``-separated lists, Python lists, local files,
+   directories and globs, remote URLs (``https://``, ``gs://`` through webdataset's ``gopen``; ``s3://`` and
+   any other fsspec scheme through fsspec). ``pipe:`` URLs run shell commands and are refused unless
+   ``allow_pipe=True``.
+3. **Reading** — ``read_samples``: tar members grouped into samples (``{"__key__", "__url__", ext: bytes}``),
+   a truncated or unreadable shard counted once and the stream moved on.
+4. **Splitting** — ``Slot`` (rank, world size, worker, workers). Rank and world size come from
+   ``torch.distributed`` when it is initialised, else from the trainer, else from ``RANK``/``WORLD_SIZE``.
+5. **Streams** — ``ShardStream`` yields whole batches from inside the worker:
+
+   - *training*: shards resampled with replacement (webdataset's ``resampled=True`` semantics), split by node,
+     samples shuffled in a buffer; every random choice comes from ``Random(seed, rank, worker, epoch)``, so
+     ranks and workers differ and a run is reproducible from ``seed``. Infinite; the loader's
+     ``with_epoch(batches_per_rank)`` cuts epochs.
+   - *evaluation*: finite. Shards are split by node then by worker, so each sample is read exactly once
+     across ranks x workers (an error when there are fewer shards than ranks x workers). Every rank yields
+     the *same number of batches* (or DDP would hang in a collective): the per-shard sample counts are read
+     at set-up and every worker pads its last batches up to its planned count with padding samples marked
+     ``batch["valid"] == False``. Nothing is trimmed, except samples beyond the set-up count (a shard that grew,
+     or a remote one whose count broke off), which are counted as ``eval_overflow``.
+6. **Loader** — ``ShardLoader``: webdataset's ``WebLoader`` that also advances the stream's epoch, and a
+   ``ShardDataModule`` base with Lightning's ``prepare_data`` / ``setup`` contract.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import math
+import os
+import posixpath
+import random
+import tarfile
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import IO, Any, Protocol
+from urllib.parse import urlparse
+
+import braceexpand
+import pytorch_lightning as pl
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset
+from webdataset.gopen import gopen, gopen_schemes
+
+log = logging.getLogger(__name__)
+
+SKIP_KEY = "data_skipped"
+Sample = dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------- 1. counting
+class SkipCounter:
+    """Cumulative counts of skipped (and repaired, ``repaired_*``) samples in *this process*, by reason.
+
+    A dataset holds one; each DataLoader worker works on its own copy. When the copy lands in a new process
+    (fork or spawn) the counts restart from zero under a fresh ``source`` id, so ``SkipTally`` can add the
+    workers up without counting the parent's numbers twice.
+    """
+
+    def __init__(self) -> None:
+        self._pid: int | None = None
+        self._source = ""
+        self._counts: dict[str, int] = {}
+
+    def _claim(self) -> None:
+        if self._pid != os.getpid():
+            self._pid, self._source, self._counts = os.getpid(), f"{os.getpid()}-{uuid.uuid4().hex[:8]}", {}
+
+    def add(self, reason: str, detail: str = "") -> None:
+        """Count one event; the first of each reason in a process is logged with its detail."""
+        self._claim()
+        if reason not in self._counts:
+            what = "repaired a sample" if reason.startswith("repaired_") else "skipped"
+            log.warning("data: %s (%s) %s; further ones are only counted", what, reason, detail[:300])
+        self._counts[reason] = self._counts.get(reason, 0) + 1
+
+    def total(self) -> int:
+        self._claim()
+        return sum(self._counts.values())
+
+    def snapshot(self) -> dict[str, Any]:
+        """``{"source": str, "counts": {reason: int}}`` — what a batch carries under ``SKIP_KEY``."""
+        self._claim()
+        return {"source": self._source, "counts": dict(self._counts)}
+
+
+class SkipTally:
+    """Totals of skip counts across the workers whose batches this process has seen.
+
+    ``SkipTally().update(batch) -> {reason: total}``: batches carry their worker's *cumulative* counts, so the
+    tally keeps the latest snapshot per worker and sums them (nothing is counted twice, nothing lost when a
+    worker is replaced by a new one at the next epoch). Per rank; sum across ranks when logging.
+    """
+
+    def __init__(self) -> None:
+        self._latest: dict[str, dict[str, int]] = {}
+
+    def update(self, batch: dict[str, Any]) -> dict[str, int]:
+        info = batch.get(SKIP_KEY) if isinstance(batch, dict) else None
+        if info:
+            self._latest[info["source"]] = dict(info["counts"])
+        return self.totals()
+
+    def totals(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for counts in self._latest.values():
+            for reason, n in counts.items():
+                totals[reason] = totals.get(reason, 0) + int(n)
+        return dict(sorted(totals.items()))
+
+
+# ------------------------------------------------------------------------------------------------- 2. URLs
+_GLOB_CHARS = set("*?[")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def _is_local(url: str) -> bool:
+    return urlparse(url).scheme in ("", "file")
+
+
+def _local_path(url: str) -> str:
+    return urlparse(url).path if url.startswith("file:") else url
+
+
+def expand_urls(urls: str | Sequence[str], *, allow_pipe: bool = False) -> list[str]:
+    """Expand shard specs into a flat list of shard URLs (order kept, as written or sorted for globs).
+
+    ``urls``: ``"a/{000000..000009}.tar"``, ``"x.tar::y.tar"``, a list of such strings, a local directory (its
+    ``*.tar`` files; img2dataset's ``.parquet`` / ``_stats.json`` side files are ignored), a local glob, or
+    remote URLs (``https://``, ``gs://``, ``s3://``...). Raises ``ValueError`` for ``pipe:`` URLs unless
+    ``allow_pipe`` and when nothing is found; ``FileNotFoundError`` for a local shard that does not exist.
+    """
+    specs = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
+    out: list[str] = []
+    for spec in specs:
+        for part in str(spec).split("::"):
+            for url in braceexpand.braceexpand(part.strip()):
+                out.extend(_expand_one(url, allow_pipe=allow_pipe))
+    if not out:
+        raise ValueError(f"no shards found for urls={urls!r}")
+    return out
+
+
+def _expand_one(url: str, *, allow_pipe: bool) -> list[str]:
+    if url.startswith("pipe:"):
+        if not allow_pipe:
+            raise ValueError(f"refusing shard URL {url!r}: 'pipe:' URLs run shell commands; set "
+                             f"`allow_pipe: true` in the data config if you really want that")
+        return [url]
+    if not _is_local(url):
+        return [url]
+    path = os.path.expanduser(_local_path(url))
+    if os.path.isdir(path):
+        found = sorted(p for p in glob.glob(os.path.join(path, "*")) if p.endswith(TAR_SUFFIXES))
+        if not found:
+            raise FileNotFoundError(f"no .tar shards in directory {path!r}")
+        return found
+    if _GLOB_CHARS & set(path):
+        found = sorted(p for p in glob.glob(path) if p.endswith(TAR_SUFFIXES))
+        if not found:
+            raise FileNotFoundError(f"no .tar shards match {path!r}")
+        return found
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"shard not found: {path!r}")
+    return [path]
+
+
+def open_shard(url: str) -> IO[bytes]:
+    """A readable binary stream for one shard: local files and webdataset's schemes via ``wds.gopen``
+    (``https://`` uses curl, ``gs://`` gsutil), other schemes (``s3://``, ``az://``...) via fsspec."""
+    scheme = urlparse(url).scheme
+    if scheme in ("", "file") or scheme in gopen_schemes:
+        return gopen(_local_path(url) if scheme == "file" else url, "rb")
+    import fsspec  # only needed for object stores; s3:// needs s3fs installed
+
+    return fsspec.open(url, "rb").open()
+
+
+# ---------------------------------------------------------------------------------------------- 3. reading
+def _split_name(name: str) -> tuple[str, str] | None:
+    """``dir/KEY.ext.more`` -> (``dir/KEY``, ``ext.more``): webdataset's rule, the key ends at the first dot."""
+    directory, base = posixpath.split(name)
+    if "." not in base or base.startswith("."):
+        return None
+    stem, ext = base.split(".", 1)
+    return posixpath.join(directory, stem), ext.lower()
+
+
+def iter_tar(url: str, counter: SkipCounter, opener: Callable[[str], IO[bytes]] = open_shard) -> Iterator[Sample]:
+    """Samples of one shard: ``{"__key__", "__url__", ext: bytes}`` for consecutive members sharing a key.
+
+    A shard that cannot be opened counts ``open_error``; one that ends mid-member counts ``truncated_tar``
+    (the sample being read is dropped); other tar damage counts ``tar_error``. Either way iteration just ends.
+    A member name repeated within a sample marks it ``__duplicate__`` (the decoder skips it).
+    """
+    try:
+        stream = opener(url)
+    except Exception as exn:
+        counter.add("open_error", f"{url}: {exn!r}")
+        return
+    current: Sample | None = None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                parts = _split_name(member.name)
+                if parts is None or posixpath.basename(parts[0]).startswith("__"):
+                    continue  # no extension, or webdataset metadata (__*__)
+                key, ext = parts
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        yield current  # complete: a new key starts (before reading on, which may fail)
+                    current = {"__key__": key, "__url__": url}
+                fileobj = tar.extractfile(member)
+                data = fileobj.read() if fileobj is not None else b""
+                if len(data) != member.size:
+                    raise tarfile.ReadError("unexpected end of data")
+                if ext in current:
+                    current["__duplicate__"] = True
+                current[ext] = data
+        if current is not None:
+            yield current
+    except Exception as exn:  # tarfile.ReadError, EOFError, zlib/gzip errors, network errors from the stream
+        message = str(exn).lower()
+        truncated = isinstance(exn, EOFError) or "unexpected end" in message or "truncated" in message
+        counter.add("truncated_tar" if truncated else "tar_error", f"{url}: {exn!r}")
+    finally:
+        try:
+            stream.close()
+        except Exception:  # a curl pipe reports its exit status on close; the shard was already counted
+            pass
+
+
+def read_samples(urls: Iterable[str], counter: SkipCounter, *, max_empty_shards: int | None = None,
+                 opener: Callable[[str], IO[bytes]] = open_shard) -> Iterator[Sample]:
+    """Samples of every shard in ``urls`` in order. With ``max_empty_shards``, raise once that many
+    consecutive shards gave nothing (an infinite resampled stream over dead shards must not spin forever)."""
+    empty = 0
+    for url in urls:
+        produced = False
+        for sample in iter_tar(url, counter, opener):
+            produced = True
+            yield sample
+        empty = 0 if produced else empty + 1
+        if max_empty_shards is not None and empty >= max_empty_shards:
+            raise RuntimeError(f"{empty} consecutive shards gave no samples (last: {url}); skip counts: "
+                               f"{counter.snapshot()['counts']}")
+
+
+def count_samples(url: str, required: Sequence[str], opener: Callable[[str], IO[bytes]] = open_shard) -> int:
+    """How many keys in a shard have a member with one of the ``required`` extensions (headers only for
+    local files; a remote shard is streamed). Damaged shards count what is readable."""
+    keys: set[str] = set()
+    try:
+        if _is_local(url):
+            tar = tarfile.open(_local_path(url), mode="r:*")  # random access: reads headers, seeks over data
+            stream = None
+        else:
+            stream = opener(url)
+            tar = tarfile.open(fileobj=stream, mode="r|*")
+        with tar:
+            for member in tar:
+                parts = _split_name(member.name) if member.isreg() else None
+                if parts is not None and parts[1] in required:
+                    keys.add(parts[0])
+        if stream is not None:
+            stream.close()
+    except Exception:  # counted as skips when the shard is actually read; padding covers the difference
+        pass
+    return len(keys)
+
+
+# -------------------------------------------------------------------------------------------- 4. splitting
+@dataclass(frozen=True)
+class Slot:
+    """Where a stream runs: ``rank`` of ``world_size`` processes, DataLoader ``worker`` of ``num_workers``."""
+
+    rank: int = 0
+    world_size: int = 1
+    worker: int = 0
+    num_workers: int = 1
+
+    @classmethod
+    def current(cls, rank: int, world_size: int) -> Slot:
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return cls(rank, world_size, worker, num_workers)
+
+
+def resolve_rank(trainer: pl.Trainer | None = None) -> tuple[int, int]:
+    """(rank, world size): ``torch.distributed`` when initialised, else the trainer, else RANK/WORLD_SIZE."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if trainer is not None:
+        return trainer.global_rank, trainer.world_size
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def split_by_node(items: Iterable[Any], slot: Slot) -> Iterator[Any]:
+    """Every ``world_size``-th item starting at ``rank`` (``wds.split_by_node``, with our rank resolution)."""
+    return islice(items, slot.rank, None, slot.world_size)
+
+
+def split_by_worker(items: Iterable[Any], slot: Slot) -> Iterator[Any]:
+    """Every ``num_workers``-th item starting at ``worker`` (``wds.split_by_worker``)."""
+    return islice(items, slot.worker, None, slot.num_workers)
+
+
+def shards_for(urls: Sequence[str], slot: Slot) -> list[str]:
+    """The finite shard list of one (rank, worker): node split, then worker split."""
+    return list(split_by_worker(split_by_node(urls, slot), slot))
+
+
+def mix_seed(*parts: int | str) -> int:
+    """A 63-bit seed from ints and strings, stable across processes (``hash(str)`` is salted per process)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def resampled(urls: Sequence[str], rng: random.Random) -> Iterator[str]:
+    """Shards drawn with replacement forever (webdataset's ``resampled=True``), from a seeded ``rng``."""
+    while True:
+        yield urls[rng.randrange(len(urls))]
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """Batches each (rank, worker) yields in evaluation so that every rank yields ``batches_per_rank``.
+
+    ``batches[rank][worker] = ceil(samples / batch_size)`` plus, for ranks with fewer, extra batches spread
+    over their workers; a worker pads with invalid samples up to its count.
+    """
+
+    batches: tuple[tuple[int, ...], ...]
+    batches_per_rank: int
+
+    @classmethod
+    def build(cls, counts: Sequence[int], world_size: int, num_workers: int, batch_size: int) -> EvalPlan:
+        index = list(range(len(counts)))
+        table = []
+        for rank in range(world_size):
+            row = []
+            for worker in range(num_workers):
+                shards = shards_for(index, Slot(rank, world_size, worker, num_workers))
+                row.append(math.ceil(sum(counts[i] for i in shards) / batch_size))
+            table.append(row)
+        target = max(sum(row) for row in table)
+        for row in table:
+            for extra in range(target - sum(row)):
+                row[extra % num_workers] += 1
+        return cls(tuple(tuple(row) for row in table), target)
+
+
+# ----------------------------------------------------------------------------------------------- 5. streams
+class SampleCodec(Protocol):
+    """What a DataModule plugs into ``ShardStream``: decode one raw sample, make padding, name its files."""
+
+    required: tuple[str, ...]  # extensions of the member that makes a sample (for counting shards)
+
+    def decode(self, sample: Sample, rng: random.Random, counter: SkipCounter) -> Sample | None:
+        """Decoded sample (tensors, ``caption``, ``key``) or None after counting the skip reason."""
+
+    def blank(self) -> Sample:
+        """A padding sample of the right shapes (used when a worker has no real sample to copy)."""
+
+
+def collate(samples: Sequence[Sample]) -> dict[str, Any]:
+    """Stack a list of decoded samples: tensors -> stacked ``[B, ...]``, floats -> float32 ``[B]``,
+    bools -> bool ``[B]``, strings -> ``list[str]``."""
+    batch: dict[str, Any] = {}
+    for name, first in samples[0].items():
+        values = [s[name] for s in samples]
+        if isinstance(first, torch.Tensor):
+            batch[name] = torch.stack(values)
+        elif isinstance(first, bool):
+            batch[name] = torch.tensor(values, dtype=torch.bool)
+        elif isinstance(first, (int, float)):
+            batch[name] = torch.tensor(values, dtype=torch.float32)
+        else:
+            batch[name] = values
+    return batch
+
+
+class ShardStream(IterableDataset):
+    """Batches (dicts, see ``collate``) streamed from tar shards, for one rank; runs inside the workers.
+
+    Args:
+        urls: expanded shard URLs (``expand_urls``).
+        codec: turns raw samples into tensors (``SampleCodec``).
+        batch_size: samples per batch.
+        train: infinite resampled + shuffled stream if True; finite exactly-once evaluation stream if False.
+        seed: base seed of every random choice (shards, shuffle, crops, fps, clip starts).
+        rank, world_size: this process among the data-parallel ones (``resolve_rank``).
+        num_workers: DataLoader workers per rank (evaluation plans per worker; must match the loader).
+        shuffle_buffer: samples held for shuffling in training.
+        max_empty_shards: training aborts after this many consecutive shards give nothing.
+    """
+
+    def __init__(self, urls: Sequence[str], codec: SampleCodec, *, batch_size: int, train: bool, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 1000,
+                 max_empty_shards: int = 100, opener: Callable[[str], IO[bytes]] = open_shard) -> None:
+        super().__init__()
+        self.urls, self.codec, self.batch_size, self.train = list(urls), codec, batch_size, train
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_workers = max(1, num_workers)
+        self.shuffle_buffer, self.max_empty_shards, self.opener = shuffle_buffer, max_empty_shards, opener
+        self.counter = SkipCounter()
+        self.epoch = 0  # advanced by ShardLoader in the main process before workers start
+        self._iterations = 0  # advanced in whichever process iterates (persistent workers never see `epoch`)
+        self.plan: EvalPlan | None = None
+        if not train:
+            slots = world_size * self.num_workers
+            if len(self.urls) < slots:
+                raise ValueError(f"evaluation needs at least one shard per rank x worker: {len(self.urls)} shards "
+                                 f"< {world_size} ranks x {self.num_workers} workers; write more (smaller) "
+                                 f"shards or use fewer evaluation workers (val_num_workers)")
+            counts = [count_samples(u, codec.required, opener) for u in self.urls]
+            self.plan = EvalPlan.build(counts, world_size, self.num_workers, batch_size)
+            if self.plan.batches_per_rank == 0:
+                raise ValueError(f"evaluation shards hold no samples with {codec.required}: {self.urls[:3]}...")
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        slot = Slot.current(self.rank, self.world_size)
+        self._iterations += 1
+        return self._train_batches(slot) if self.train else self._eval_batches(slot)
+
+    def _train_batches(self, slot: Slot) -> Iterator[dict[str, Any]]:
+        rng = random.Random(mix_seed(self.seed, slot.rank, slot.worker, self.epoch, self._iterations))
+        urls = split_by_node(resampled(self.urls, rng), slot)
+        samples = read_samples(urls, self.counter, max_empty_shards=self.max_empty_shards, opener=self.opener)
+        samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=rng)(samples)
+        decoded = (d for d in (self.codec.decode(s, rng, self.counter) for s in samples) if d is not None)
+        while True:
+            group = list(islice(decoded, self.batch_size))
+            if len(group) < self.batch_size:
+                return  # only if the shard stream ended, which resampling never does
+            yield self._finish(group)
+
+    def _eval_batches(self, slot: Slot) -> Iterator[dict[str, Any]]:
+        assert self.plan is not None
+        if slot.num_workers != self.num_workers:
+            raise RuntimeError(f"evaluation stream planned for {self.num_workers} workers per rank but runs in "
+                               f"{slot.num_workers}: build it with the DataLoader's num_workers")
+        budget = self.plan.batches[slot.rank][slot.worker]
+        samples = read_samples(shards_for(self.urls, slot), self.counter, opener=self.opener)
+        decoded = (self.codec.decode(s, random.Random(mix_seed(self.seed, s["__key__"])), self.counter)
+                   for s in samples)  # per-key rng: a sample decodes the same whatever slot reads it
+        real = (d for d in decoded if d is not None)
+        example: Sample | None = None
+        for index in range(budget):
+            group = list(islice(real, self.batch_size))
+            if group and example is None:
+                example = group[0]
+            while len(group) < self.batch_size:
+                group.append(self._padding(example))
+            if index == budget - 1:  # before the last batch leaves, so its skip counts include any overflow
+                for _ in real:  # only if a shard grew since set-up or could not be counted in full
+                    self.counter.add("eval_overflow")
+            yield self._finish(group)
+
+    def _padding(self, example: Sample | None) -> Sample:
+        pad = dict(example) if example is not None else self.codec.blank()
+        pad.update(valid=False, key="", caption="")
+        return pad
+
+    def _finish(self, group: list[Sample]) -> dict[str, Any]:
+        batch = collate(group)
+        batch[SKIP_KEY] = self.counter.snapshot()
+        return batch
+
+
+# ------------------------------------------------------------------------------------------------ 6. loader
+class ShardLoader(wds.WebLoader):
+    """webdataset's ``WebLoader`` around a ``ShardStream`` (batching happens in the workers: ``batch_size=None``).
+
+    Each ``iter()`` advances the stream's epoch *before* workers are started, so non-persistent workers
+    (fresh dataset copies every epoch) still draw new shards and shuffles every epoch.
+    """
+
+    def __init__(self, dataset: ShardStream, *, num_workers: int = 0, pin_memory: bool = False,
+                 persistent_workers: bool = False, prefetch_factor: int | None = None) -> None:
+        if not dataset.train and max(1, num_workers) != dataset.num_workers:
+            raise ValueError(f"the evaluation stream was planned for {dataset.num_workers} workers, not {num_workers}")
+        extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor else {}
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                         persistent_workers=persistent_workers and num_workers > 0, **extra)
+        self.stream = dataset
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # A generator, so the epoch advances when iteration starts, not when Lightning merely probes iter().
+        self.stream.epoch += 1
+        yield from super().__iter__()
+
+
+class ShardDataModule(pl.LightningDataModule):
+    """Base for the WebDataset DataModules: URL handling, default data, rank resolution and the loaders.
+
+    Subclasses set ``kind`` (the Moving Shapes subdirectory, ``"images"`` or ``"videos"``) and implement
+    ``make_codec(train)``. ``prepare_data`` (rank 0) generates Moving Shapes under ``root`` when default URLs
+    are used and ``root/DONE`` is missing; ``setup`` (every rank) expands URLs, resolves rank / world size and
+    builds the streams for the stage.
+    """
+
+    kind = "images"
+
+    def __init__(self, urls: str | Sequence[str] | None = None, val_urls: str | Sequence[str] | None = None,
+                 test_urls: str | Sequence[str] | None = None, *, root: str = "data/shapes", batch_size: int = 32,
+                 val_batch_size: int | None = None, num_workers: int = 0, val_num_workers: int | None = None,
+                 seed: int = 0, batches_per_epoch: int = 1000, shuffle_buffer: int = 1000, allow_pipe: bool = False,
+                 pin_memory: bool = False, persistent_workers: bool = False,
+                 shapes_kwargs: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.urls, self.val_urls, self.test_urls = urls, val_urls, test_urls
+        self.root = root
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers, self.seed = num_workers, seed
+        # Evaluation needs a shard per rank x worker; its worker count can be set apart from training's.
+        self.val_num_workers = num_workers if val_num_workers is None else val_num_workers
+        self.batches_per_epoch, self.shuffle_buffer = batches_per_epoch, shuffle_buffer
+        self.allow_pipe, self.pin_memory, self.persistent_workers = allow_pipe, pin_memory, persistent_workers
+        self.shapes_kwargs = dict(shapes_kwargs or {})
+        self.streams: dict[str, ShardStream] = {}
+        self.rank, self.world_size = 0, 1
+
+    # -- subclass hooks
+    def make_codec(self, train: bool) -> SampleCodec:
+        raise NotImplementedError
+
+    # -- Lightning contract
+    def _uses_defaults(self) -> bool:
+        return self.urls is None  # validation falls back to Moving Shapes only together with training
+
+    def prepare_data(self) -> None:
+        """Generate Moving Shapes under ``root`` if default URLs are used and it is missing (rank 0 only)."""
+        from datamodules import shapes
+
+        if self._uses_defaults() and not shapes.is_complete(self.root):
+            log.warning("data: generating the Moving Shapes dataset under %s", self.root)
+            shapes.generate(self.root, **self.shapes_kwargs)
+
+    def default_urls(self, split: str) -> str:
+        return str(Path(self.root) / self.kind / f"{split}-*.tar")
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the streams a stage needs: fit -> train + val, validate -> val, test -> test."""
+        self.rank, self.world_size = resolve_rank(self.trainer)
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
+        for split in wanted.get(stage or "fit", ("train", "val")):
+            if split not in self.streams and self.split_urls(split) is not None:
+                self.streams[split] = self.build_stream(split)
+
+    def split_urls(self, split: str) -> str | Sequence[str] | None:
+        """The URLs of ``split``; None when there is none (own data without ``val_urls``: no validation).
+
+        Defaults: Moving Shapes train / val shards under ``root``; ``test`` falls back to ``val``.
+        """
+        if split == "train":
+            return self.urls if self.urls is not None else self.default_urls("train")
+        given = self.test_urls if split == "test" and self.test_urls is not None else self.val_urls
+        if given is not None:
+            return given
+        return self.default_urls("val") if self.urls is None else None
+
+    def build_stream(self, split: str) -> ShardStream:
+        train = split == "train"
+        return ShardStream(
+            expand_urls(self.split_urls(split), allow_pipe=self.allow_pipe), self.make_codec(train),
+            batch_size=self.batch_size if train else self.val_batch_size, train=train,
+            seed=mix_seed(self.seed, split), rank=self.rank, world_size=self.world_size,
+            num_workers=self._workers(split), shuffle_buffer=self.shuffle_buffer)
+
+    def _workers(self, split: str) -> int:
+        return self.num_workers if split == "train" else self.val_num_workers
+
+    def _loader(self, split: str) -> ShardLoader | list:
+        if split not in self.streams:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        if split not in self.streams:
+            return []  # Lightning skips a loop whose loader is an empty list
+        return ShardLoader(self.streams[split], num_workers=self._workers(split), pin_memory=self.pin_memory,
+                           persistent_workers=self.persistent_workers)
+
+    def train_dataloader(self) -> ShardLoader:
+        """Infinite resampled stream cut into epochs of ``batches_per_epoch`` batches per rank."""
+        return self._loader("train").with_epoch(self.batches_per_epoch)
+
+    def val_dataloader(self) -> ShardLoader | list:
+        """Finite: every sample once across ranks x workers, equal batch counts per rank (see ``valid``);
+        ``[]`` (no validation) for own training data given without ``val_urls``."""
+        return self._loader("val")
+
+    def test_dataloader(self) -> ShardLoader | list:
+        """Like ``val_dataloader`` over ``test_urls`` (falling back to the validation shards)."""
+        return self._loader("test")
