@@ -311,7 +311,7 @@ def eval_prompts(seed: int = 0) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------------------ generate
 def generate(out: str | Path = DEFAULT_ROOT, *, num_images: int = 4096, num_videos: int = 256,
-             num_val_images: int = 256, num_val_videos: int = 32, image_size: int = 64, video_size: int = 64,
+             num_val_images: int = 256, num_val_videos: int = 32, image_size: int = 128, video_size: int = 64,
              seed: int = 0, samples_per_shard: int = 512, video_samples_per_shard: int = 32,
              min_shards: int = 8) -> Path:
     """Write the Moving Shapes dataset under ``out`` and return ``out`` as a Path.
@@ -359,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--num-videos", type=int, default=256)
     parser.add_argument("--num-val-images", type=int, default=256)
     parser.add_argument("--num-val-videos", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--video-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

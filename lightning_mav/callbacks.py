@@ -117,5 +117,6 @@ class SkipCountLogger(Callback):
                            batch_idx: int) -> None:
         totals = self.tally.update(batch)
         for reason, count in totals.items():
+            # per-rank totals, summed over ranks; `repaired_*` reasons count samples that were kept
             pl_module.log(f"data/skipped/{reason}", float(count), on_step=True, on_epoch=False, reduce_fx="sum",
-                          sync_dist=False)
+                          sync_dist=True)

@@ -1,0 +1,286 @@
+"""Gaussian diffusion: training objective, noise schedules, samplers and classifier-free guidance.
+
+The schedule, ``q_sample``, the velocity target and every sampling step come from diffusers' schedulers
+(``DDPMScheduler``, ``DDIMScheduler``, ``DPMSolverMultistepScheduler``), which broadcast over any tensor rank,
+so the same :class:`Diffusion` serves the prior (2-D embeddings ``[B, D]``), the image networks (``[B, C, H, W]``)
+and the video networks (``[B, C, F, H, W]``). Only the loss and the guidance loop are written here.
+
+Model-function conventions
+    training:  ``model_fn(x_t [B,...], t [B] long) -> output [B,...]``
+    sampling:  ``model_fn(x_t, t, drop_cond) -> output`` where ``drop_cond`` is ``False`` (conditional branch),
+               ``True`` (null conditioning) or, with ``cfg_batch=True``, a bool tensor ``[2B]`` whose first half
+               is False and second half True; the model function then sees a doubled batch ``x_t [2B,...]`` and
+               repeats its conditioning to match (``repeat_to_batch`` below does exactly that).
+The output is the objective's target: ``eps`` the noise, ``v`` the velocity ``sqrt(a)·eps - sqrt(1-a)·x0``,
+``x0`` the clean sample.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
+
+Objective = Literal["eps", "v", "x0"]
+Sampler = Literal["ddim", "ddpm", "dpm++"]
+
+SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear"}
+PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+
+def repeat_to_batch(cond: Tensor | None, batch: int) -> Tensor | None:
+    """Repeat a conditioning tensor ``[B, ...]`` along dim 0 to ``batch`` rows (``batch`` a multiple of B).
+
+    Used by model functions under batched classifier-free guidance, where ``x_t`` arrives as ``[2B, ...]``.
+    """
+    if cond is None or cond.shape[0] == batch:
+        return cond
+    return cond.repeat(batch // cond.shape[0], *([1] * (cond.dim() - 1)))
+
+
+def _expand_like(values: Tensor, x: Tensor) -> Tensor:
+    """``[B]`` -> ``[B, 1, ..., 1]`` with as many dims as ``x``."""
+    return values.reshape(-1, *([1] * (x.dim() - 1))).to(x)
+
+
+class Diffusion:
+    """Discrete-time Gaussian diffusion over ``timesteps`` steps.
+
+    Args:
+        timesteps: number of training timesteps T.
+        schedule: ``"cosine"`` (Nichol & Dhariwal, diffusers' ``squaredcos_cap_v2``) or ``"linear"`` (DDPM betas).
+        objective: what the network predicts: ``"eps"``, ``"v"`` or ``"x0"``.
+        clip_sample: clamp the predicted x0 to ``[-clip_sample, clip_sample]`` while sampling (images in
+            [-1, 1] want 1.0); ``None`` for unbounded data such as CLIP embeddings.
+
+    Not an ``nn.Module`` on purpose: it has no parameters, so nothing of it lands in a checkpoint.
+    """
+
+    def __init__(
+        self,
+        timesteps: int = 1000,
+        schedule: Literal["cosine", "linear"] = "cosine",
+        objective: Objective = "eps",
+        clip_sample: float | None = None,
+    ) -> None:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
+        if objective not in PREDICTION_TYPES:
+            raise ValueError(f"objective must be one of {list(PREDICTION_TYPES)}, got {objective!r}")
+        self.timesteps, self.schedule, self.objective, self.clip_sample = timesteps, schedule, objective, clip_sample
+        self._config = dict(
+            num_train_timesteps=timesteps,
+            beta_schedule=SCHEDULES[schedule],
+            prediction_type=PREDICTION_TYPES[objective],
+            # "trailing" starts sampling at t = T-1 (pure noise) even with few steps (Lin et al. 2023, Table 2)
+            timestep_spacing="trailing",
+        )
+        # the training-side scheduler only provides alphas_cumprod, add_noise and get_velocity (all stateless)
+        self._train = DDPMScheduler(**self._config, clip_sample=False)
+        self.alphas_cumprod: Tensor = self._train.alphas_cumprod.clone()  # [T] float32, ᾱ_t
+
+    def __repr__(self) -> str:
+        return (f"Diffusion(timesteps={self.timesteps}, schedule={self.schedule!r}, objective={self.objective!r}, "
+                f"clip_sample={self.clip_sample})")
+
+    # ------------------------------------------------------------------ forward process and targets
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·noise.   x0, noise ``[B, ...]``; t ``[B]`` long."""
+        return self._train.add_noise(x0, noise, t)
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """The regression target of the objective, shape of ``x0``."""
+        if self.objective == "eps":
+            return noise
+        if self.objective == "v":
+            return self._train.get_velocity(x0, noise, t)
+        return x0
+
+    def _coefs(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        a = self.alphas_cumprod.to(device=x.device, dtype=x.dtype)[t.to(x.device).long()]  # cast first, like diffusers
+        return _expand_like(a.sqrt(), x), _expand_like((1 - a).sqrt(), x)
+
+    def predict_x0(self, x_t: Tensor, t: Tensor, output: Tensor) -> Tensor:
+        """Clean sample implied by a model output (any objective).   All ``[B, ...]``; t ``[B]``."""
+        sa, s1a = self._coefs(t, x_t)
+        if self.objective == "eps":
+            return (x_t - s1a * output) / sa
+        if self.objective == "v":
+            return sa * x_t - s1a * output
+        return output
+
+    def predict_eps(self, x_t: Tensor, t: Tensor, output: Tensor) -> Tensor:
+        """Noise implied by a model output (any objective).   All ``[B, ...]``; t ``[B]``."""
+        sa, s1a = self._coefs(t, x_t)
+        if self.objective == "eps":
+            return output
+        if self.objective == "v":
+            return s1a * x_t + sa * output
+        return (x_t - sa * output) / s1a
+
+    # ------------------------------------------------------------------ training
+    def loss(
+        self,
+        model_fn: Callable[[Tensor, Tensor], Tensor],
+        x0: Tensor,
+        *,
+        noise: Tensor | None = None,
+        t: Tensor | None = None,
+        weights: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Mean squared error between ``model_fn(x_t, t)`` and the objective's target.
+
+        Args:
+            x0: clean data ``[B, ...]`` (any rank).
+            noise: ``[B, ...]``; drawn from ``generator`` when None.
+            t: timesteps ``[B]`` long; uniform over ``[0, T)`` from ``generator`` when None.
+            weights: ``[B]`` per-sample or broadcastable to ``x0`` (e.g. a frame mask); the loss is then the
+                weighted mean of the squared error.
+            generator: makes t and noise reproducible (the stages seed it for validation).
+        Returns:
+            scalar loss (float32).
+        """
+        b = x0.shape[0]
+        if t is None:
+            gen_device = generator.device if generator is not None else x0.device
+            t = torch.randint(0, self.timesteps, (b,), generator=generator, device=gen_device).to(x0.device)
+        if noise is None:
+            noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_t = self.q_sample(x0, t, noise)
+        output = model_fn(x_t, t)
+        sq_err = F.mse_loss(output.float(), self.target(x0, noise, t).float(), reduction="none")
+        if weights is None:
+            return sq_err.mean()
+        w = _expand_like(weights, sq_err) if weights.dim() == 1 else weights.to(sq_err)
+        w = w.expand_as(sq_err)
+        return (sq_err * w).sum() / w.sum().clamp_min(1e-8)
+
+    # ------------------------------------------------------------------ low-resolution conditioning (SR)
+    def noise_lowres(
+        self,
+        lowres: Tensor,
+        level: float | Tensor,
+        *,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Noise-augment a conditioning image (Imagen / Cascaded Diffusion's conditioning augmentation).
+
+        ``level`` in [0, 1] is a fraction of the schedule: the image is forward-diffused to
+        ``t = round(level·(T-1))``. Training draws a random level per sample so the super-resolution network
+        learns to ignore artefacts of the stage below; sampling uses one fixed, small level.
+
+        Args:
+            lowres: ``[B, C, h, w]`` or ``[B, C, F, h, w]`` in [-1, 1].
+            level: float or ``[B]``.
+            noise: optional, shape of ``lowres`` (e.g. identical per frame).
+        Returns:
+            (noised lowres, the applied timestep ``[B]`` float — the U-Net's ``lowres_noise_level``, which is
+            embedded on the timestep scale like ``t``).
+        """
+        b = lowres.shape[0]
+        level = torch.as_tensor(level, dtype=torch.float32, device=lowres.device).expand(b)
+        t = (level.clamp(0, 1) * (self.timesteps - 1)).round().long()
+        if noise is None:
+            noise = randn_tensor(lowres.shape, generator=generator, device=lowres.device, dtype=lowres.dtype)
+        # level 0 must leave the image untouched (ᾱ_0 < 1 would still add a little noise)
+        untouched = (t == 0).reshape(-1, *([1] * (lowres.dim() - 1)))
+        noised = torch.where(untouched, lowres, self.q_sample(lowres, t, noise))
+        return noised, t.float()
+
+    # ------------------------------------------------------------------ sampling
+    def make_scheduler(self, sampler: Sampler = "ddim") -> DDPMScheduler | DDIMScheduler | DPMSolverMultistepScheduler:
+        """A fresh sampling scheduler: diffusers' schedulers keep per-run state (step index, solver history)."""
+        clip = self.clip_sample is not None
+        clip_range = float(self.clip_sample) if clip else 1.0
+        if sampler == "ddpm":
+            return DDPMScheduler(**self._config, clip_sample=clip, clip_sample_range=clip_range)
+        if sampler == "ddim":
+            return DDIMScheduler(**self._config, clip_sample=clip, clip_sample_range=clip_range, set_alpha_to_one=True)
+        if sampler == "dpm++":
+            # DPM-Solver++ has no clip_sample; dynamic thresholding with max value c clamps x0 to [-c, c]
+            # (exactly static clipping for c = 1). diffusers advises lambda_min_clipped for the cosine schedule.
+            return DPMSolverMultistepScheduler(
+                **self._config, algorithm_type="dpmsolver++", solver_order=2,
+                thresholding=clip, sample_max_value=clip_range,
+                lambda_min_clipped=-5.1 if self.schedule == "cosine" else -float("inf"),
+            )
+        raise ValueError(f"sampler must be 'ddim', 'ddpm' or 'dpm++', got {sampler!r}")
+
+    @staticmethod
+    def guided(
+        model_fn: Callable[[Tensor, Tensor, bool | Tensor], Tensor],
+        x: Tensor,
+        t: Tensor,
+        guidance_scale: float = 1.0,
+        cfg_batch: bool = True,
+    ) -> Tensor:
+        """Classifier-free guidance: ``uncond + s·(cond - uncond)``; s == 1 runs the conditional branch only.
+
+        With ``cfg_batch`` both branches go through one call on a doubled batch, which halves the number of
+        network launches per step (what dominates sampling at small batch sizes) at the cost of twice the
+        activation memory; switch it off for very large batches or for model functions that take a plain bool.
+        """
+        if guidance_scale == 1.0:
+            return model_fn(x, t, False)
+        if cfg_batch:
+            b = x.shape[0]
+            drop = torch.arange(2 * b, device=x.device) >= b
+            cond, uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), drop).chunk(2)
+        else:
+            cond, uncond = model_fn(x, t, False), model_fn(x, t, True)
+        return uncond + guidance_scale * (cond - uncond)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model_fn: Callable[[Tensor, Tensor, bool | Tensor], Tensor],
+        shape: Sequence[int] | None = None,
+        *,
+        steps: int = 50,
+        sampler: Sampler = "ddim",
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        progress: bool = False,
+        cfg_batch: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """Run the reverse process from pure noise to x0.
+
+        Args:
+            model_fn: ``(x_t, t [B], drop_cond) -> output`` (see the module docstring).
+            shape: ``[B, ...]`` of the sample (any rank); or give ``noise``.
+            steps: number of sampling steps (trailing spacing, so the first step is at t = T-1).
+            sampler: ``"ddim"`` (deterministic, eta 0), ``"ddpm"`` (ancestral) or ``"dpm++"`` (DPM-Solver++ 2M).
+            guidance_scale: classifier-free guidance scale; 1 disables guidance (one call per step).
+            generator: seeds the initial noise and the DDPM step noise: same seed, same sample.
+            noise: initial x_T ``[B, ...]`` (e.g. SR_h's identical noise for every frame).
+            cfg_batch: batch the two guidance branches into one call (see :meth:`guided`).
+        Returns:
+            x0 ``[B, ...]``.
+        """
+        if noise is None:
+            if shape is None:
+                raise ValueError("give a shape or the initial noise")
+            x = randn_tensor(tuple(shape), generator=generator, device=torch.device(device or "cpu"), dtype=dtype)
+        else:
+            x = noise.to(device=device or noise.device)
+        scheduler = self.make_scheduler(sampler)
+        scheduler.set_timesteps(steps, device=x.device)
+        x = x * scheduler.init_noise_sigma
+        timesteps = scheduler.timesteps
+        if progress:
+            from tqdm.auto import tqdm
+            timesteps = tqdm(timesteps, desc=f"{sampler} sampling", leave=False)
+        for t in timesteps:
+            t_batch = t.to(x.device).long().expand(x.shape[0])
+            output = self.guided(model_fn, scheduler.scale_model_input(x, t), t_batch, guidance_scale, cfg_batch)
+            x = scheduler.step(output, t, x, generator=generator).prev_sample
+        return x

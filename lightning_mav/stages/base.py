@@ -1,0 +1,228 @@
+"""What every stage shares: AdamW with linear warm-up, loss logging, the media hook, the frozen CLIP, init_from.
+
+A stage subclass implements two methods and gets training, validation and media logging:
+
+    compute_loss(batch, generator=None) -> (loss scalar, batch_size)
+    media_from_batch(batch) -> {"name": images [N,3,H,W] | videos [N,3,F,H,W] in [-1, 1]}
+
+``generator`` is None in training (fresh randomness) and seeded per batch in validation, so ``val/loss`` compares
+checkpoints on the same noise and timesteps instead of on sampling luck.
+
+Frozen CLIP (P and D stages): ``load_clip(clip_ckpt)`` sets ``self.clip``; its tensors never enter this stage's
+checkpoints (see ``on_save_checkpoint`` / ``on_load_checkpoint``) nor its optimizer (``requires_grad=False``).
+
+Media: the first validation batch (its first ``media_batch_size`` items) is kept on the CPU; the lead's media callback
+calls :meth:`StageBase.log_media` under ``no_grad``/eval (and EMA weights when enabled), and the stage samples from
+that fixed conditioning with a fixed seed, so successive images show the training progress and nothing else.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from lightning_mav.checkpoints import NEW_TEMPORAL, KeyReport, init_from, load_checkpoint
+
+
+def _head(batch: Any, n: int) -> Any:
+    """The first ``n`` items of a (nested) batch, tensors detached on the CPU."""
+    if isinstance(batch, Tensor):
+        return batch[:n].detach().cpu() if batch.dim() else batch.detach().cpu()
+    if isinstance(batch, dict):
+        return {k: _head(v, n) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(batch[:n])
+    return batch
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
+
+
+class StageBase(pl.LightningModule):
+    """Base LightningModule of the stages.
+
+    Args:
+        lr: peak learning rate (reached after ``warmup_steps``).
+        weight_decay: AdamW decoupled weight decay, applied to matrices/kernels only (not biases, norms, embeddings
+            of rank 1).
+        betas: AdamW betas.
+        warmup_steps: linear warm-up from ``lr / warmup_steps`` to ``lr``, stepped every optimizer step.
+        media_batch_size: how many validation items the media hook keeps and samples from.
+        media_seed: seed of the media samples (same noise every time).
+    """
+
+    #: glob patterns (network-relative names) of the tensors a child stage adds to its parent's network:
+    #: the only tensors ``init_from`` may find missing, and the only ones trained under ``freeze_spatial``.
+    new_param_patterns: tuple[str, ...] = NEW_TEMPORAL
+
+    def __init__(
+        self,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.99),
+        warmup_steps: int = 0,
+        media_batch_size: int = 4,
+        media_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
+        self.media_batch_size, self.media_seed = media_batch_size, media_seed
+        self.clip: nn.Module | None = None
+        self.init_report: KeyReport | None = None
+        self._media_batch: Any = None
+
+    # ------------------------------------------------------------------ subclass contract
+    def compute_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+        """(scalar loss, batch size) for one batch."""
+        raise NotImplementedError
+
+    def media_from_batch(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Samples (and references) for the media logger from a kept validation batch, values in [-1, 1]."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ steps and logging
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss, batch_size = self.compute_loss(batch)
+        self.log_loss("train", loss, batch_size)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        generator = torch.Generator().manual_seed(batch_idx)
+        loss, batch_size = self.compute_loss(batch, generator=generator)
+        self.log_loss("val", loss, batch_size)
+        return loss
+
+    def log_loss(self, split: str, loss: Tensor, batch_size: int, name: str = "loss") -> None:
+        """Log ``{split}/{name}``: every step in training, the epoch mean (synced across ranks) in validation.
+
+        One of on_step/on_epoch only, so the logged key is exactly ``train/loss`` / ``val/loss`` (no _step suffix).
+        """
+        train = split == "train"
+        self.log(f"{split}/{name}", loss, prog_bar=True, on_step=train, on_epoch=not train,
+                 batch_size=batch_size, sync_dist=not train)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over the trainable parameters (fused on CUDA, foreach otherwise) + per-step linear warm-up."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        cuda = bool(params) and all(p.is_cuda for p in params)
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas,
+                                      fused=cuda or None, foreach=None if cuda else True)
+        warmup = max(int(self.warmup_steps), 0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ networks: parents and freezing
+    def inherit_configs(self, init_from: str | None, **configs: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+        """Network configs (e.g. ``unet=..., diffusion=...``) = the parent checkpoint's, updated with this stage's.
+
+        A child config lists only what changes (``unet: {temporal: true}``). The merged dicts are written back
+        into ``hparams``, so the child's own checkpoint is complete and its children can inherit from it in turn.
+        """
+        parent = (load_checkpoint(init_from).get("hyper_parameters") or {}) if init_from is not None else {}
+        merged = {name: {**(parent.get(name) or {}), **(own or {})} for name, own in configs.items()}
+        self.hparams.update(merged)
+        return merged
+
+    def init_network(self, network: nn.Module, path: str | None, prefix: str = "unet.") -> KeyReport | None:
+        """Start ``network`` from a parent stage checkpoint (D -> D_t, SR_l -> SR_t); see lightning_mav.checkpoints.
+
+        Afterwards ``hparams.init_from`` is cleared (the path is kept as ``hparams.parent_ckpt``): the child's
+        checkpoint holds every weight, so loading it must never need the parent file (nor its relative path).
+        """
+        if path is None:
+            return None
+        self.init_report = init_from(network, path, allow_new=self.new_param_patterns, prefix=prefix)
+        rank_zero_info(self.init_report.summary())  # one line in the run log: what the child started from
+        if "init_from" in self.hparams:
+            self.hparams.update(init_from=None, parent_ckpt=str(path))
+        return self.init_report
+
+    def is_new_param(self, name: str) -> bool:
+        """Whether a network-relative parameter name is one a child adds (temporal, fps, extra inputs)."""
+        return any(fnmatch.fnmatchcase(name, p) for p in self.new_param_patterns)
+
+    def freeze_except_new(self, network: nn.Module) -> list[str]:
+        """Freeze the parent's (spatial) parameters of ``network``; return the names left trainable."""
+        trainable = []
+        for name, p in network.named_parameters():
+            p.requires_grad_(self.is_new_param(name))
+            if p.requires_grad:
+                trainable.append(name)
+        if not trainable:
+            raise ValueError("freeze_spatial: the network has no temporal/new parameters to train (temporal=False?)")
+        return trainable
+
+    # ------------------------------------------------------------------ frozen CLIP (P and D stages)
+    def load_clip(self, clip_ckpt: str | None) -> nn.Module | None:
+        """The frozen CLIP (``C_x`` and image encoder) from ``clip_ckpt``; kept out of this stage's checkpoints."""
+        if clip_ckpt is None:
+            return None
+        from lightning_mav.nn.clip import CLIP
+
+        self.clip = CLIP.from_checkpoint(clip_ckpt, freeze=True)
+        return self.clip
+
+    # The frozen CLIP is a separate artefact (its own run): saving it in every stage would duplicate it, so its
+    # tensors are stripped on save and put back, from the CLIP just loaded from clip_ckpt, before a load. Loading
+    # therefore stays strict (a genuinely missing U-Net tensor still fails), and Lightning's EMA callback, which
+    # strictly reloads "current_model_state" on resume, finds every key.
+    _CKPT_STATES = ("state_dict", "current_model_state")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for key in self._CKPT_STATES:
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint[key] = {k: v for k, v in checkpoint[key].items() if not k.startswith("clip.")}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.clip is None:
+            return
+        clip_state = {f"clip.{k}": v for k, v in self.clip.state_dict().items()}
+        for key in self._CKPT_STATES:
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint[key] = {**clip_state, **checkpoint[key]}
+
+    # ------------------------------------------------------------------ media
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._media_batch is None:
+            self._media_batch = _head(batch, self.media_batch_size)
+
+    def media_generator(self) -> torch.Generator:
+        """A CPU generator seeded with ``media_seed``: every media call draws the same noise."""
+        return torch.Generator().manual_seed(self.media_seed)
+
+    @torch.no_grad()
+    def log_media(self) -> dict[str, Tensor]:
+        """``{name: images [N,3,H,W] | videos [N,3,F,H,W]}`` in [-1, 1] from the kept batch (``{}`` before any
+        validation batch was seen)."""
+        if self._media_batch is None:
+            return {}
+        was_training = self.training
+        self.eval()  # the callback does this too; sampling in train mode (dropout) would be a silent bug
+        try:
+            media = self.media_from_batch(_to(self._media_batch, self.device))
+        finally:
+            self.train(was_training)
+        return {k: v.float().clamp(-1, 1) for k, v in media.items()}
+
+    def set_media_batch(self, batch: dict[str, Any]) -> None:
+        """Choose the media conditioning explicitly (tests, scripts) instead of the first validation batch."""
+        self._media_batch = _head(batch, self.media_batch_size)
+
+
+def trainable_names(module: nn.Module) -> list[str]:
+    """Names of the parameters that will be trained."""
+    return [n for n, p in module.named_parameters() if p.requires_grad]

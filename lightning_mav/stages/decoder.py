@@ -1,0 +1,218 @@
+"""DecoderStage: D (CLIP image embedding -> 64x64 image) and, with a temporal U-Net, D_t (-> 16 frames).
+
+D is trained on images, conditioned on the frozen CLIP embedding of the image itself (unCLIP's decoder). D_t is the
+same stage with ``unet.temporal=True`` (and ``fps_cond=True``), started from a D checkpoint through ``init_from``
+and fine-tuned on *unlabeled* video: the conditioning is the CLIP embedding of one frame of the clip, so no caption
+is ever needed. Classifier-free guidance: the embedding is replaced by the U-Net's learned null conditioning with
+probability ``cond_drop_prob``.
+
+Batches
+    ``{"image": [B, 3, H, W]}``                        D (or image steps of D_t: temporal layers skipped)
+    ``{"video": [B, F, 3, H, W], "fps": [B]}``         D_t (rearranged to ``[B, 3, F, H, W]``)
+    ``{"image_embed": [B, D], ...}``                   optional precomputed CLIP embedding of the conditioning
+    ``{"images": {...}, "videos": {...}}``             a dict of such batches (Lightning's CombinedLoader): losses add
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from lightning_mav.diffusion import Diffusion, repeat_to_batch
+from lightning_mav.nn.unet import UNet
+from lightning_mav.stages.base import StageBase
+
+
+class DecoderStage(StageBase):
+    """D / D_t with its diffusion training and guided sampling.
+
+    Args:
+        unet: :class:`lightning_mav.nn.unet.UNet` kwargs; ``image_embed_dim`` defaults to the CLIP's embedding
+            size. With ``init_from`` only the changes to the parent's (D_t: ``temporal=True, fps_cond=True``).
+        diffusion: :class:`lightning_mav.diffusion.Diffusion` kwargs (``clip_sample`` defaults to 1.0: pixels);
+            with ``init_from``, changes to the parent's.
+        clip_ckpt: frozen CLIP (CLIPStage ``.ckpt``) giving the conditioning ``y_e``; None trains an unconditional
+            U-Net (``image_embed_dim`` unset) or requires precomputed ``image_embed`` in every batch.
+        image_size: side of the generated frames (sampling; training uses the data's size).
+        cond_drop_prob: probability of dropping the conditioning in training (classifier-free guidance).
+        cond_frame: which frame's embedding conditions a video: ``"middle"``, ``"first"`` or ``"random"``.
+        joint_image_prob: probability that a video training step instead trains on images (one frame per clip,
+            its own embedding, temporal layers off), which keeps D_t's per-frame quality anchored to D.
+        init_from: parent checkpoint (D for D_t); only new temporal/fps tensors may be absent from it. Cleared
+            from the saved hyperparameters once loaded (see :meth:`StageBase.init_network`).
+        freeze_spatial: train only the new (temporal, fps) parameters.
+        sample_steps, sampler, guidance_scale: defaults of :meth:`sample` and of the media samples.
+        lr, weight_decay, betas, warmup_steps, media_batch_size, media_seed: see :class:`StageBase`.
+    """
+
+    def __init__(
+        self,
+        unet: dict[str, Any] | None = None,
+        diffusion: dict[str, Any] | None = None,
+        clip_ckpt: str | None = None,
+        image_size: int = 64,
+        cond_drop_prob: float = 0.1,
+        cond_frame: Literal["middle", "first", "random"] = "middle",
+        joint_image_prob: float = 0.0,
+        init_from: str | None = None,
+        freeze_spatial: bool = False,
+        sample_steps: int = 50,
+        sampler: Literal["ddim", "ddpm", "dpm++"] = "ddim",
+        guidance_scale: float = 3.0,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.99),
+        warmup_steps: int = 0,
+        media_batch_size: int = 4,
+        media_seed: int = 0,
+    ) -> None:
+        super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
+                         media_batch_size=media_batch_size, media_seed=media_seed)
+        self.save_hyperparameters()
+        if cond_frame not in ("middle", "first", "random"):
+            raise ValueError(f"cond_frame must be 'middle', 'first' or 'random', got {cond_frame!r}")
+        clip = self.load_clip(clip_ckpt)
+        configs = self.inherit_configs(init_from, unet=unet, diffusion=diffusion)
+        unet_kwargs = configs["unet"]  # the same dict as hparams.unet: the resolved image_embed_dim is saved too
+        if clip is not None:
+            unet_kwargs.setdefault("image_embed_dim", clip.embed_dim)
+            if unet_kwargs["image_embed_dim"] != clip.embed_dim:
+                raise ValueError(f"unet.image_embed_dim={unet_kwargs['image_embed_dim']} but the CLIP at {clip_ckpt} "
+                                 f"embeds to {clip.embed_dim}")
+        self.unet = UNet(**unet_kwargs)
+        self.conditional = bool(unet_kwargs.get("image_embed_dim"))
+        self.fps_cond = bool(unet_kwargs.get("fps_cond", False))
+        self.diffusion = Diffusion(**{"clip_sample": 1.0, **configs["diffusion"]})
+        self.image_size, self.cond_frame, self.cond_drop_prob = image_size, cond_frame, cond_drop_prob
+        self.joint_image_prob, self.sample_steps = joint_image_prob, sample_steps
+        self.sampler, self.guidance_scale = sampler, guidance_scale
+        self.init_network(self.unet, init_from)
+        if freeze_spatial:
+            self.freeze_except_new(self.unet)
+
+    # ------------------------------------------------------------------ conditioning
+    @torch.no_grad()
+    def embed(self, images: Tensor, batch: dict[str, Any] | None = None) -> Tensor | None:
+        """``y_e [B, D]`` of ``images [B, 3, H, W]`` (frozen CLIP), or the batch's precomputed ``image_embed``."""
+        if not self.conditional:
+            return None
+        if batch is not None and "image_embed" in batch:
+            return F.normalize(batch["image_embed"].float(), dim=-1)
+        if self.clip is None:
+            raise ValueError("DecoderStage: the U-Net is conditioned (image_embed_dim) but there is no CLIP "
+                             "(clip_ckpt) and the batch has no precomputed 'image_embed'")
+        return self.clip.encode_image(images)
+
+    def cond_frame_index(self, batch: int, frames: int, generator: torch.Generator | None = None) -> Tensor:
+        """Index ``[B]`` of the frame whose embedding conditions each clip."""
+        if self.cond_frame == "random":
+            return torch.randint(0, frames, (batch,), generator=generator)
+        return torch.full((batch,), frames // 2 if self.cond_frame == "middle" else 0, dtype=torch.long)
+
+    def model_fn(self, image_embed: Tensor | None, *, fps: Tensor | None = None, drop: Tensor | None = None,
+                 time: bool = True):
+        """``(x_t, t, drop_cond=None) -> output``: the U-Net with its conditioning bound.
+
+        In sampling ``drop_cond`` is a bool, or a bool ``[2B]`` on a doubled batch (batched guidance): the
+        conditioning is repeated to the batch. In training ``drop`` ``[B]`` is fixed up front.
+        """
+        def fn(x_t: Tensor, t: Tensor, drop_cond: bool | Tensor | None = None) -> Tensor:
+            b = x_t.shape[0]
+            d = drop if drop_cond is None else torch.as_tensor(drop_cond, device=x_t.device).expand(b)
+            return self.unet(x_t, t, image_embed=repeat_to_batch(image_embed, b), fps=repeat_to_batch(fps, b),
+                             drop_cond=d if image_embed is not None else None, time=time)
+        return fn
+
+    # ------------------------------------------------------------------ training
+    def compute_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+        if batch and all(isinstance(v, dict) for v in batch.values()):  # several loaders at once: losses add
+            parts = [self.compute_loss(b, generator) for b in batch.values()]
+            return sum(loss for loss, _ in parts), sum(n for _, n in parts)
+        if "video" in batch:
+            x0, image_embed, fps, time = self._video_inputs(batch, generator)
+        else:
+            x0, time, fps = batch["image"], True, None
+            image_embed = self.embed(x0, batch)
+        b = x0.shape[0]
+        drop = None
+        if image_embed is not None and self.training:
+            drop = torch.rand(b, generator=generator).to(self.device) < self.cond_drop_prob
+        loss = self.diffusion.loss(self.model_fn(image_embed, fps=fps, drop=drop, time=time), x0, generator=generator)
+        return loss, b
+
+    def _video_inputs(self, batch: dict[str, Any], generator: torch.Generator | None):
+        """(x0 ``[B,3,F,H,W]`` or an image batch ``[B,3,H,W]``, y_e ``[B,D]``, fps ``[B]``, time) of a video batch."""
+        video = batch["video"]  # [B, F, 3, H, W]
+        b, f = video.shape[:2]
+        idx = self.cond_frame_index(b, f, generator).to(video.device)
+        frame = video[torch.arange(b, device=video.device), idx]  # [B, 3, H, W]
+        image_embed = self.embed(frame, batch)
+        # joint image steps: one decision per step, seeded by the step so every DDP rank runs the same graph
+        # (image steps leave the temporal/fps parameters unused: DDP then needs find_unused_parameters=True)
+        coin = torch.rand(1, generator=torch.Generator().manual_seed(int(self.global_step))).item()
+        if self.training and coin < self.joint_image_prob:
+            return frame, image_embed, None, False
+        fps = batch.get("fps") if self.fps_cond else None
+        fps = fps.float() if fps is not None else None
+        return rearrange(video, "b f c h w -> b c f h w"), image_embed, fps, True
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        image_embed: Tensor | None,
+        *,
+        num_frames: int | None = None,
+        fps: float | Tensor | None = None,
+        batch_size: int | None = None,
+        image_size: int | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        sampler: str | None = None,
+        noise: Tensor | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """``y_e [B, D]`` -> images ``[B, 3, H, W]`` or, with ``num_frames``, videos ``[B, 3, F, H, W]`` in [-1, 1].
+
+        ``fps`` (float or ``[B]``) conditions D_t's frame rate; ``batch_size`` only for an unconditional U-Net;
+        ``noise`` ``[B, 3, (F,) H, W]`` replaces the seeded initial noise. Defaults come from the hyperparameters.
+        """
+        if image_embed is not None:
+            image_embed = F.normalize(image_embed.float().to(self.device), dim=-1)
+            batch_size = image_embed.shape[0]
+        elif self.conditional:
+            raise ValueError("this decoder is conditioned on CLIP image embeddings: pass image_embed [B, D]")
+        size = image_size or self.image_size
+        shape = (batch_size, 3, size, size) if num_frames is None else (batch_size, 3, num_frames, size, size)
+        if fps is not None and self.fps_cond:
+            fps = torch.as_tensor(fps, dtype=torch.float32, device=self.device).expand(batch_size)
+        else:
+            fps = None
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        return self.diffusion.sample(
+            self.model_fn(image_embed, fps=fps), shape, steps=steps or self.sample_steps,
+            sampler=sampler or self.sampler, guidance_scale=scale if self.conditional else 1.0,
+            generator=generator, noise=noise, progress=progress, device=self.device,
+        )
+
+    def media_from_batch(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Samples from the embeddings of the kept validation items next to the items themselves."""
+        if batch and all(isinstance(v, dict) for v in batch.values()):
+            return {f"{k}/{n}": v for k, b in batch.items() for n, v in self.media_from_batch(b).items()}
+        if "video" in batch:
+            video = batch["video"]
+            b, f = video.shape[:2]
+            idx = self.cond_frame_index(b, f, self.media_generator()).to(video.device)
+            frame = video[torch.arange(b, device=video.device), idx]
+            fps = batch.get("fps")
+            samples = self.sample(self.embed(frame, batch), num_frames=f, fps=fps, batch_size=b,
+                                  image_size=video.shape[-1], generator=self.media_generator())
+            return {"samples": samples, "reference": rearrange(video, "b f c h w -> b c f h w")}
+        image = batch["image"]
+        samples = self.sample(self.embed(image, batch), batch_size=image.shape[0], image_size=image.shape[-1],
+                              generator=self.media_generator())
+        return {"samples": samples, "reference": image}

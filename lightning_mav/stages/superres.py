@@ -1,0 +1,176 @@
+"""SuperResStage: SR_l (64 -> 256), SR_h (256 -> 768, trained on crops) and, with a temporal U-Net, SR_t.
+
+The U-Net sees the noisy high-resolution sample with the low-resolution image upsampled and concatenated
+(``lowres_cond=True``). The low-resolution input is *noise-augmented* (Imagen / Cascaded Diffusion): in training it
+is forward-diffused to a random level in ``[0, lowres_noise_max]`` and the level is given to the U-Net, so at
+sampling time the network tolerates the artefacts of the stage below, which is then noised to the fixed
+``lowres_noise_sample``.
+
+SR_h is the paper's frame-wise super-resolution: trained on images (random ``crop_size`` crops of the high-res
+image, the low-res made by downsampling the crop, so the 768-px network trains at crop cost) and applied per frame
+with the *same* initial noise for every frame, which the pipeline passes as ``sample(..., noise=...)``.
+SR_t: ``unet.temporal=True``, ``init_from`` an SR_l checkpoint, video batches.
+
+Batches: ``{"image": [B, 3, H, W]}`` (the high-res target; e.g. the text-image batches, captions unused) or
+``{"video": [B, F, 3, H, W]}``; both are resized to ``highres_size`` when the data has another size.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from lightning_mav.diffusion import Diffusion, repeat_to_batch
+from lightning_mav.nn.unet import UNet
+from lightning_mav.stages.base import StageBase
+
+
+def resize(x: Tensor, size: int | tuple[int, int], mode: str = "bilinear") -> Tensor:
+    """Resize the last two dims of an image ``[B, C, H, W]`` or video ``[B, C, F, H, W]`` (antialiased down)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    frames = rearrange(x, "b c f h w -> (b f) c h w") if x.dim() == 5 else x
+    kwargs = {"antialias": True, "align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    out = F.interpolate(frames.float(), size=size, mode=mode, **kwargs).to(x.dtype)
+    return rearrange(out, "(b f) c h w -> b c f h w", b=x.shape[0]) if x.dim() == 5 else out
+
+
+class SuperResStage(StageBase):
+    """SR_l / SR_h / SR_t with noise-augmented low-resolution conditioning.
+
+    Args:
+        unet: :class:`lightning_mav.nn.unet.UNet` kwargs (``lowres_cond`` is forced on); with ``init_from`` only
+            the changes to the parent's (SR_t: ``temporal=True``).
+        diffusion: :class:`lightning_mav.diffusion.Diffusion` kwargs (``clip_sample`` defaults to 1.0); with
+            ``init_from``, changes to the parent's.
+        lowres_size: side of the conditioning image (64 for SR_l, 256 for SR_h at paper scale).
+        highres_size: side of the output (256 for SR_l, 768 for SR_h).
+        crop_size: train on random ``crop_size`` crops of the high-res image (SR_h); None trains on full images.
+            Must keep the ``highres_size / lowres_size`` ratio integral on the crop.
+        lowres_noise_max: training draws the augmentation level uniformly from ``[0, lowres_noise_max]``.
+        lowres_noise_sample: fixed augmentation level at sampling time.
+        init_from: parent checkpoint (SR_l for SR_t); only new temporal tensors may be absent from it. Cleared
+            from the saved hyperparameters once loaded (see :meth:`StageBase.init_network`).
+        freeze_spatial: train only the new (temporal) parameters.
+        sample_steps, sampler: defaults of :meth:`sample`.
+        lr, weight_decay, betas, warmup_steps, media_batch_size, media_seed: see :class:`StageBase`.
+    """
+
+    def __init__(
+        self,
+        unet: dict[str, Any] | None = None,
+        diffusion: dict[str, Any] | None = None,
+        lowres_size: int = 64,
+        highres_size: int = 256,
+        crop_size: int | None = None,
+        lowres_noise_max: float = 0.5,
+        lowres_noise_sample: float = 0.1,
+        init_from: str | None = None,
+        freeze_spatial: bool = False,
+        sample_steps: int = 50,
+        sampler: Literal["ddim", "ddpm", "dpm++"] = "ddim",
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.99),
+        warmup_steps: int = 0,
+        media_batch_size: int = 4,
+        media_seed: int = 0,
+    ) -> None:
+        super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
+                         media_batch_size=media_batch_size, media_seed=media_seed)
+        self.save_hyperparameters()
+        if highres_size % lowres_size:
+            raise ValueError(f"highres_size {highres_size} must be a multiple of lowres_size {lowres_size}")
+        self.factor = highres_size // lowres_size
+        if crop_size is not None and (crop_size > highres_size or crop_size % self.factor):
+            raise ValueError(f"crop_size {crop_size} must be <= highres_size and a multiple of {self.factor}")
+        configs = self.inherit_configs(init_from, unet=unet, diffusion=diffusion)
+        self.unet = UNet(**{**configs["unet"], "lowres_cond": True})
+        self.diffusion = Diffusion(**{"clip_sample": 1.0, **configs["diffusion"]})
+        self.lowres_size, self.highres_size, self.crop_size = lowres_size, highres_size, crop_size
+        self.lowres_noise_max, self.lowres_noise_sample = lowres_noise_max, lowres_noise_sample
+        self.sample_steps, self.sampler = sample_steps, sampler
+        self.init_network(self.unet, init_from)
+        if freeze_spatial:
+            self.freeze_except_new(self.unet)
+
+    # ------------------------------------------------------------------ data
+    def highres(self, batch: dict[str, Any]) -> Tensor:
+        """The high-res target ``[B, 3, H, W]`` / ``[B, 3, F, H, W]`` at ``highres_size``."""
+        x = rearrange(batch["video"], "b f c h w -> b c f h w") if "video" in batch else batch["image"]
+        return resize(x, self.highres_size)
+
+    def random_crop(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One random ``crop_size`` window per sample (the same for all frames of a video)."""
+        c, (h, w) = self.crop_size, x.shape[-2:]
+        tops = torch.randint(0, h - c + 1, (x.shape[0],), generator=generator).tolist()
+        lefts = torch.randint(0, w - c + 1, (x.shape[0],), generator=generator).tolist()
+        return torch.stack([x[i, ..., t:t + c, l:l + c] for i, (t, l) in enumerate(zip(tops, lefts))])
+
+    def lowres_of(self, highres: Tensor) -> Tensor:
+        """Downsample by the SR factor: what the stage below would have produced (ideally)."""
+        h, w = highres.shape[-2:]
+        return resize(highres, (h // self.factor, w // self.factor))
+
+    # ------------------------------------------------------------------ training
+    def model_fn(self, lowres: Tensor, level: Tensor, time: bool = True):
+        """``(x_t, t, drop_cond=None) -> output``: the U-Net with the (noised) low-res image bound.
+
+        SR has no classifier-free guidance; ``drop_cond`` is accepted for the sampler's signature and ignored.
+        """
+        def fn(x_t: Tensor, t: Tensor, drop_cond: bool | Tensor | None = None) -> Tensor:
+            b = x_t.shape[0]
+            return self.unet(x_t, t, lowres=repeat_to_batch(lowres, b),
+                             lowres_noise_level=repeat_to_batch(level, b), time=time)
+        return fn
+
+    def compute_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+        x0 = self.highres(batch)
+        if self.crop_size is not None and self.crop_size < self.highres_size:
+            x0 = self.random_crop(x0, generator)
+        b = x0.shape[0]
+        levels = torch.rand(b, generator=generator).to(self.device) * self.lowres_noise_max
+        lowres, level = self.diffusion.noise_lowres(self.lowres_of(x0), levels, generator=generator)
+        loss = self.diffusion.loss(self.model_fn(lowres, level), x0, generator=generator)
+        return loss, b
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        lowres: Tensor,
+        *,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        noise_level: float | None = None,
+        lowres_noise: Tensor | None = None,
+        sampler: str | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Low-res ``[B, 3, h, w]`` / ``[B, 3, F, h, w]`` in [-1, 1] -> high-res with sides ``factor·h, factor·w``.
+
+        Args:
+            noise: initial noise of the high-res sample (SR_h: the same noise for every frame, e.g.
+                ``torch.randn(1, 3, H, W).expand(F, -1, -1, -1)`` for frames batched as images).
+            noise_level: augmentation level of the low-res input (default ``lowres_noise_sample``).
+            lowres_noise: the augmentation noise itself (shape of ``lowres``), e.g. also identical per frame.
+        """
+        lowres = lowres.float().to(self.device)
+        level = self.lowres_noise_sample if noise_level is None else noise_level
+        lowres, level = self.diffusion.noise_lowres(lowres, level, noise=lowres_noise, generator=generator)
+        shape = (*lowres.shape[:-2], lowres.shape[-2] * self.factor, lowres.shape[-1] * self.factor)
+        return self.diffusion.sample(self.model_fn(lowres, level), shape, steps=steps or self.sample_steps,
+                                     sampler=sampler or self.sampler, generator=generator, noise=noise,
+                                     progress=progress, device=self.device)
+
+    def media_from_batch(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Super-resolved samples of the kept items' downsampled versions, next to the low-res input and target."""
+        target = self.highres(batch)
+        lowres = self.lowres_of(target)
+        samples = self.sample(lowres, generator=self.media_generator())
+        return {"samples": samples, "lowres": resize(lowres, self.highres_size, mode="nearest"), "target": target}

@@ -1,0 +1,169 @@
+"""SuperResStage: SR_l overfit and noise augmentation, SR_h crops and per-frame identical noise, SR_t from SR_l,
+checkpoints, media."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_mav.checkpoints import CheckpointError
+from lightning_mav.nn.unet import is_temporal_name
+from lightning_mav.stages.base import trainable_names
+from lightning_mav.stages.superres import SuperResStage, resize
+
+UNET = {"dim": 16, "dim_mults": (1, 2), "num_res_blocks": 1, "attn_levels": (1,), "heads": 2, "dim_head": 8,
+        "norm_groups": 8}
+SR = {"lowres_size": 8, "highres_size": 16, "sample_steps": 3, "media_batch_size": 2, "warmup_steps": 0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Several test processes share 2 cores: one intra-op thread each avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def images(n: int = 4, size: int = 16) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(n)) * 2 - 1
+
+
+def unet_inputs(stage: SuperResStage) -> list[dict]:
+    """Record what the stage feeds its U-Net."""
+    seen: list[dict] = []
+    stage.unet.register_forward_pre_hook(lambda m, args, kw: seen.append({"x": args[0], "t": args[1], **kw}),
+                                         with_kwargs=True)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def sr_l_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An SR_l checkpoint written by a 2-step Lightning run (train/val on the text-image batch format)."""
+    tmp = tmp_path_factory.mktemp("sr_l")
+    stage = SuperResStage(unet=UNET, **SR)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp)
+    batch = {"image": images(), "caption": ["a red circle"] * 4, "key": list("abcd")}
+    loader = DataLoader([batch], batch_size=None)
+    trainer.fit(stage, loader, loader)
+    assert {"train/loss", "val/loss"} <= set(trainer.callback_metrics)
+    trainer.save_checkpoint(tmp / "sr_l.ckpt")
+    return str(tmp / "sr_l.ckpt")
+
+
+def test_sr_overfits_one_batch() -> None:
+    stage = SuperResStage(unet=UNET, diffusion={"objective": "v"}, lr=3e-3, **SR)
+    optimizer = stage.configure_optimizers()["optimizer"]
+    batch = {"image": images()}
+    stage.train()
+    losses = []
+    for _ in range(200):
+        loss, _ = stage.compute_loss(batch, generator=torch.Generator().manual_seed(0))  # fixed t, noise, level
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if losses[-1] < losses[0] / 10:
+            break
+    assert losses[-1] < losses[0] / 10, losses[::10]
+
+
+def test_training_conditions_on_the_noised_downsample() -> None:
+    stage = SuperResStage(unet=UNET, lowres_noise_max=0.5, **SR)
+    seen = unet_inputs(stage)
+    hr = images(8, size=32)  # data at another size is resized to highres_size first
+    stage.compute_loss({"image": hr}, generator=torch.Generator().manual_seed(0))
+    x = seen[0]
+    assert x["x"].shape == (8, 3, 16, 16) and x["lowres"].shape == (8, 3, 8, 8)
+    levels = x["lowres_noise_level"]
+    assert levels.shape == (8,) and (levels >= 0).all() and (levels <= 0.5 * 999).all() and levels.unique().numel() > 1
+    # level 0 items see the clean downsample; the others a noised one
+    clean = resize(resize(hr, 16), 8)
+    for i, level in enumerate(levels):
+        assert torch.allclose(x["lowres"][i], clean[i], atol=1e-6) == (level == 0)
+
+
+def test_sr_h_trains_on_crops_of_the_highres() -> None:
+    stage = SuperResStage(unet=UNET, lowres_size=8, highres_size=32, crop_size=16, sample_steps=2)
+    seen = unet_inputs(stage)
+    stage.compute_loss({"image": images(3, size=32)})
+    assert seen[0]["x"].shape == (3, 3, 16, 16) and seen[0]["lowres"].shape == (3, 3, 4, 4)
+    crops = stage.random_crop(torch.arange(2 * 32 * 32.0).view(2, 1, 32, 32), torch.Generator().manual_seed(0))
+    assert crops.shape == (2, 1, 16, 16) and (crops[:, :, 1:] - crops[:, :, :-1] == 32).all()  # contiguous windows
+    # sampling runs on the full image: 16 -> 64 at the 4x factor
+    assert stage.sample(images(1, size=16), steps=2).shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match="crop_size"):
+        SuperResStage(unet=UNET, lowres_size=8, highres_size=32, crop_size=18)
+
+
+def test_sampling_noise_is_given_per_frame_and_deterministic() -> None:
+    stage = SuperResStage(unet=UNET, **SR).eval()
+    with torch.no_grad():  # a non-trivial network (zero-init output would make every sample equal the noise path)
+        for p in stage.unet.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    frames = images(3, size=8)
+    seen = unet_inputs(stage)
+    # SR_h: the pipeline gives the same initial noise to every frame; the stage must use exactly that
+    noise = torch.randn(1, 3, 16, 16).expand(3, -1, -1, -1)
+    out = stage.sample(frames, noise=noise, noise_level=0.0, steps=2)
+    assert out.shape == (3, 3, 16, 16)
+    assert torch.equal(seen[0]["x"], noise) and torch.equal(seen[0]["lowres"], frames)  # level 0: clean input
+    assert torch.equal(seen[0]["lowres_noise_level"], torch.zeros(3))
+    other = stage.sample(frames, noise=torch.randn(3, 3, 16, 16), noise_level=0.0, steps=2)
+    assert not torch.allclose(out, other)
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    a = stage.sample(frames, generator=g(), steps=2)
+    assert torch.equal(a, stage.sample(frames, generator=g(), steps=2))
+    assert torch.equal(seen[-1]["lowres_noise_level"], torch.full((3,), round(0.1 * 999.0)))  # default sample level
+
+
+def test_checkpoint_reload_and_media(sr_l_ckpt: str) -> None:
+    ckpt = torch.load(sr_l_ckpt, map_location="cpu", weights_only=True)
+    assert all(k.startswith("unet.") for k in ckpt["state_dict"])
+    stage = SuperResStage.load_from_checkpoint(sr_l_ckpt)
+    assert stage.factor == 2 and stage.hparams.lowres_noise_sample == 0.1
+    assert all(torch.equal(v, ckpt["state_dict"][k]) for k, v in stage.state_dict().items())
+    stage.set_media_batch({"image": images(3)})
+    media = stage.log_media()
+    assert {k: tuple(v.shape) for k, v in media.items()} == {
+        "samples": (2, 3, 16, 16), "lowres": (2, 3, 16, 16), "target": (2, 3, 16, 16)}
+
+
+def test_sr_t_from_sr_l_on_video(sr_l_ckpt: str) -> None:
+    stage = SuperResStage(unet={"temporal": True}, init_from=sr_l_ckpt, freeze_spatial=True, **SR)  # as sr_t.yaml
+    assert stage.init_report.ok and all(is_temporal_name(n) for n in stage.init_report.new)
+    assert stage.hparams.unet == {**UNET, "temporal": True} and stage.hparams.init_from is None
+    names = trainable_names(stage)
+    assert names and all(is_temporal_name(n.removeprefix("unet.")) for n in names)
+    seen = unet_inputs(stage)
+    video = torch.rand(2, 3, 3, 16, 16) * 2 - 1  # [B, F, 3, H, W]
+    loss, n = stage.compute_loss({"video": video, "fps": torch.tensor([8.0, 8.0])})
+    loss.backward()
+    assert n == 2 and seen[0]["x"].shape == (2, 3, 3, 16, 16) and seen[0]["lowres"].shape == (2, 3, 3, 8, 8)
+    assert stage.sample(torch.rand(1, 3, 3, 8, 8) * 2 - 1, steps=2).shape == (1, 3, 3, 16, 16)
+
+    # at init SR_t is SR_l on every frame
+    sr_l = SuperResStage.load_from_checkpoint(sr_l_ckpt).eval()
+    x, low = torch.randn(1, 3, 3, 16, 16), torch.randn(1, 3, 3, 8, 8)
+    t, level = torch.tensor([300]), torch.tensor([100.0])
+    with torch.no_grad():
+        video_out = stage.eval().unet(x, t, lowres=low, lowres_noise_level=level)
+        frame_out = sr_l.unet(x[0].transpose(0, 1), t.expand(3), lowres=low[0].transpose(0, 1),
+                              lowres_noise_level=level.expand(3))
+    torch.testing.assert_close(video_out[0].transpose(0, 1), frame_out, atol=1e-5, rtol=0)
+
+
+def test_wrong_parent_checkpoint_fails_clearly(sr_l_ckpt: str, tmp_path: Path) -> None:
+    # an SR checkpoint is not a parent of D_t (no lowres input there; different conv_in)
+    from lightning_mav.stages.decoder import DecoderStage
+
+    with pytest.raises(CheckpointError, match="not a parent"):
+        DecoderStage(unet={**UNET, "temporal": True}, init_from=sr_l_ckpt, image_size=8)
+    with pytest.raises(CheckpointError, match="not found"):
+        SuperResStage(unet=UNET, init_from=str(tmp_path / "missing.ckpt"), **SR)
