@@ -8,6 +8,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torchvision
 from pytorch_lightning.callbacks import Callback, EMAWeightAveraging
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
@@ -46,12 +47,21 @@ class MediaLogger(Callback):
         self._last_step = -1
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.log_media(trainer, pl_module)
+        self._maybe_log(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the stages keep their media conditioning from the first validation batch: log as soon as it exists
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._maybe_log(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.at_train_end and trainer.global_step != self._last_step:
+            self.log_media(trainer, pl_module)
+
+    def _maybe_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        due = self._last_step < 0 or step - self._last_step >= self.every_n_steps
+        if self.every_n_steps > 0 and step > 0 and due:
             self.log_media(trainer, pl_module)
 
     @staticmethod
@@ -63,10 +73,11 @@ class MediaLogger(Callback):
 
     @rank_zero_only
     def log_media(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last_step = trainer.global_step
         module = self._sampling_module(trainer, pl_module)
         if not hasattr(module, "log_media"):
             return
+        if module is not pl_module and getattr(pl_module, "_media_batch", None) is not None:
+            module.set_media_batch(pl_module._media_batch)  # the EMA copy predates the kept validation batch
         was_training = module.training
         module.eval()
         try:
@@ -74,6 +85,9 @@ class MediaLogger(Callback):
                 items = module.log_media()
         finally:
             module.train(was_training)
+        if not items:  # nothing to sample from yet (no validation batch seen): try again at the next chance
+            return
+        self._last_step = trainer.global_step
         out = Path(trainer.log_dir or trainer.default_root_dir) / "media"
         writer = next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         step = trainer.global_step
@@ -82,8 +96,8 @@ class MediaLogger(Callback):
             if x.ndim == 4:  # images [N,3,H,W]
                 if writer is not None:
                     writer.add_images(f"samples/{name}", (x.clamp(-1, 1) + 1) / 2, step)
-                sheet = media.contact_sheet(x.unsqueeze(2))
-                media.save_png(sheet.reshape(-1, sheet.shape[1], 3), out / f"{name}_step{step:07d}.png")
+                grid = torchvision.utils.make_grid(x, nrow=8, padding=1, pad_value=-1)
+                media.save_png(grid, out / f"{name}_step{step:07d}.png")
             else:  # videos [N,3,F,H,W]
                 if writer is not None:
                     writer.add_video(f"samples/{name}", (x.permute(0, 2, 1, 3, 4).clamp(-1, 1) + 1) / 2, step,

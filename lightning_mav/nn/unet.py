@@ -1,0 +1,432 @@
+"""The one U-Net behind ``D``, ``D_t``, ``↑F``, ``SR_l``, ``SR_t`` and ``SR_h``.
+
+An ADM/unCLIP-style U-Net (residual blocks with scale-shift timestep conditioning, attention at chosen
+resolutions, skip connections) whose every 3x3 convolution is a ``Conv_P3D`` and every attention an
+``Attn_P3D``. ``temporal=False`` builds the text-to-image network (``D``, ``SR_l``, ``SR_h``) with no temporal
+parameters at all; ``temporal=True`` builds ``D_t`` / ``↑F`` / ``SR_t``, whose extra parameters are exactly the
+ones named ``*temporal*`` (and ``fps_*`` with ``fps_cond``, ``extra_in*`` with ``extra_in_channels``), all
+initialised so that the network computes, on a video, exactly ``D`` applied to each frame.
+
+Conditioning (unCLIP, paper §2.1): timestep embedding; the CLIP image embedding ``y_e`` is projected into the time
+embedding and into ``num_image_tokens`` extra context tokens; optional text hidden states are more context
+tokens; ``drop_cond`` swaps in learned null conditioning for classifier-free guidance. SR networks concatenate
+the (upsampled) low-resolution input and embed its noise-augmentation level. ``D_t`` adds an fps embedding
+(§2.5), ``↑F`` extra input channels (masked frames + mask, §2.6).
+
+Layout: videos are folded to ``[(B F), C, H, W]`` once on entry (see ``p3d``); GroupNorm therefore normalises
+each frame on its own, and only the temporal layers look across frames.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .embeddings import FpsEmbedding, TimestepEmbedding
+from .p3d import Attn_P3D, Conv_P3D, fold_frames, unfold_frames
+
+__all__ = ["UNet", "ResBlock", "count_parameters", "is_temporal_name"]
+
+
+def is_temporal_name(name: str) -> bool:
+    """True for parameters that ``D_t`` adds to ``D``: names containing ``temporal`` or starting with ``fps_``."""
+    return "temporal" in name or name.startswith("fps_")
+
+
+def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:
+    """Number of scalar parameters of ``module`` (only those with ``requires_grad`` if ``trainable_only``)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    # gcd keeps small test widths (16, 24, ...) valid while using 32 groups at real widths
+    return nn.GroupNorm(math.gcd(groups, channels), channels)
+
+
+class ResBlock(nn.Module):
+    """Pseudo-3D ADM residual block.
+
+    ``GN -> SiLU -> Conv_P3D -> GN * (1 + scale) + shift -> SiLU -> Dropout -> Conv_P3D (zero-init)`` plus a
+    1x1 skip when the width changes. ``scale, shift`` come from the time embedding (ADM's scale-shift norm, also
+    unCLIP's). GroupNorm runs on folded frames, so it never mixes frames.
+
+    Args:
+        in_ch, out_ch: channels.
+        emb_dim: width of the (SiLU-activated) time embedding.
+        dropout: dropout before the second conv.
+        temporal: build the temporal convs.
+        norm_groups: GroupNorm groups (reduced to ``gcd(norm_groups, ch)``).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, *, dropout: float = 0.0, temporal: bool = False,
+                 norm_groups: int = 32) -> None:
+        super().__init__()
+        self.norm1 = _group_norm(in_ch, norm_groups)
+        self.conv1 = Conv_P3D(in_ch, out_ch, 3, temporal)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch)
+        self.norm2 = _group_norm(out_ch, norm_groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = Conv_P3D(out_ch, out_ch, 3, temporal)
+        nn.init.zeros_(self.conv2.spatial.weight)  # ADM: each residual branch starts at 0
+        nn.init.zeros_(self.conv2.spatial.bias)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor, num_frames: int | None, time: bool = True) -> Tensor:
+        """``x [(B F), C_in, H, W]``, ``emb [B, emb_dim]`` (already SiLU-ed) -> ``[(B F), C_out, H, W]``."""
+        h = self.conv1.forward_frames(F.silu(self.norm1(x)), num_frames, time)
+        scale_shift = self.emb_proj(emb)
+        if num_frames is not None:  # the same conditioning for every frame of a clip
+            scale_shift = scale_shift.repeat_interleave(num_frames, dim=0)
+        scale, shift = scale_shift[:, :, None, None].chunk(2, dim=1)
+        h = torch.addcmul(shift, self.norm2(h), 1 + scale)
+        h = self.conv2.forward_frames(self.dropout(F.silu(h)), num_frames, time)
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    """Spatial ×½ (stride-2 ``Conv_P3D``); the frame axis is never resampled."""
+
+    def __init__(self, ch: int, temporal: bool) -> None:
+        super().__init__()
+        self.conv = Conv_P3D(ch, ch, 3, temporal, stride=2)
+
+    def forward(self, x: Tensor, num_frames: int | None, time: bool = True) -> Tensor:
+        """``[(B F), C, H, W] -> [(B F), C, H/2, W/2]``."""
+        return self.conv.forward_frames(x, num_frames, time)
+
+
+class Upsample(nn.Module):
+    """Spatial ×2 (nearest, per frame) followed by a ``Conv_P3D``."""
+
+    def __init__(self, ch: int, temporal: bool) -> None:
+        super().__init__()
+        self.conv = Conv_P3D(ch, ch, 3, temporal)
+
+    def forward(self, x: Tensor, num_frames: int | None, time: bool = True) -> Tensor:
+        """``[(B F), C, H, W] -> [(B F), C, 2H, 2W]``."""
+        return self.conv.forward_frames(F.interpolate(x, scale_factor=2.0, mode="nearest"), num_frames, time)
+
+
+class Block(nn.ModuleList):
+    """A unit of the U-Net (res block [+ attention] or a resampler); the granularity of gradient checkpointing."""
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None, context_mask: Tensor | None,  # type: ignore[override]
+                num_frames: int | None, time: bool) -> Tensor:
+        """``x [(B F), C, H, W]``, ``emb [B, E]``, ``context [B, L, Dc]``, ``context_mask [B, L]``."""
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb, num_frames, time)
+            elif isinstance(layer, Attn_P3D):
+                x = layer.forward_frames(x, num_frames, context, context_mask, time)
+            else:
+                x = layer(x, num_frames, time)
+        return x
+
+
+class UNet(nn.Module):
+    """Pseudo-3D U-Net for images ``[B, C, H, W]`` and videos ``[B, C, F, H, W]``.
+
+    Args:
+        in_channels, out_channels: image channels in / predicted channels out.
+        dim: base width; level ``i`` has ``dim * dim_mults[i]`` channels.
+        dim_mults: width multipliers, one per resolution level (each level but the last halves H, W).
+        num_res_blocks: residual blocks per level on the way down (``+1`` on the way up, as in ADM).
+        attn_levels: indices into ``dim_mults`` of the levels whose res blocks are followed by ``Attn_P3D``.
+        mid_attn: attention in the middle block.
+        heads, dim_head: attention heads and per-head width (inner width ``heads * dim_head``).
+        image_embed_dim: width ``D`` of the CLIP image embedding ``y_e``, or ``None`` (no image conditioning).
+        num_image_tokens: ``K``, the context tokens projected from ``y_e`` (unCLIP uses 4).
+        text_dim: width of the text hidden states used as context tokens, or ``None``.
+        cond_dim: width of the context tokens (default: the time-embedding width ``4 * dim``).
+        lowres_cond: super-resolution: concatenate the upsampled low-res input and embed its noise level.
+        lowres_channels: channels of the low-res input (default ``in_channels``).
+        extra_in_channels: extra input channels (``↑F``: masked frames + mask) through the zero-init ``extra_in``.
+        fps_cond: add the fps embedding (``D_t``); its parameters are named ``fps_*``.
+        temporal: build the temporal layers (``D_t``, ``↑F``, ``SR_t``); ``False`` for ``D``, ``SR_l``, ``SR_h``.
+        dropout: dropout in the res blocks.
+        checkpointing: recompute each block in the backward pass (``torch.utils.checkpoint``) to save memory.
+        channels_last: keep activations in ``channels_last`` memory format. It makes the attention token
+            views free and the temporal conv a plain GEMM, but CPU GroupNorm is ~2x slower in it and the 3x3 convs
+            are equal; measured D_t fwd+bwd (dim 32, mults 1-2-4-8, F=8, 1 CPU thread, CPU time): 64x64 with
+            attention at the last level NCHW 3.18 s vs channels_last 3.24 s; 32x32 with attention at levels
+            1-3 1.31 s vs 1.29 s. A wash on CPU, so off by default; worth trying on GPU (cuDNN NHWC).
+        norm_groups: GroupNorm groups.
+        max_frames: see ``p3d.RotaryEmbedding`` (not a hard limit).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        dim: int = 64,
+        dim_mults: Sequence[int] = (1, 2, 4),
+        num_res_blocks: int = 2,
+        attn_levels: Sequence[int] = (2,),
+        mid_attn: bool = True,
+        heads: int = 4,
+        dim_head: int = 32,
+        image_embed_dim: int | None = None,
+        num_image_tokens: int = 4,
+        text_dim: int | None = None,
+        cond_dim: int | None = None,
+        lowres_cond: bool = False,
+        lowres_channels: int | None = None,
+        extra_in_channels: int = 0,
+        fps_cond: bool = False,
+        temporal: bool = False,
+        dropout: float = 0.0,
+        checkpointing: bool = False,
+        channels_last: bool = False,
+        norm_groups: int = 32,
+        max_frames: int = 128,
+    ) -> None:
+        super().__init__()
+        dim_mults, attn_levels = tuple(dim_mults), tuple(attn_levels)
+        if any(not 0 <= lvl < len(dim_mults) for lvl in attn_levels):
+            raise ValueError(f"attn_levels {attn_levels} must index dim_mults {dim_mults}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.num_levels = len(dim_mults)
+        self.temporal, self.fps_cond, self.lowres_cond = temporal, fps_cond, lowres_cond
+        self.image_embed_dim, self.text_dim = image_embed_dim, text_dim
+        self.num_image_tokens = num_image_tokens if image_embed_dim else 0
+        self.extra_in_channels = extra_in_channels
+        self.checkpointing, self.channels_last = checkpointing, channels_last
+        time_dim = 4 * dim
+        self.cond_dim = cond_dim or time_dim
+
+        # ---- embeddings added to the time embedding
+        self.time_embed = TimestepEmbedding(dim, time_dim)
+        if lowres_cond:
+            self.lowres_channels = lowres_channels or in_channels
+            self.lowres_noise_embed = TimestepEmbedding(dim, time_dim)
+        if fps_cond:
+            self.fps_embed = FpsEmbedding(dim, time_dim)  # zero-init last layer: D_t == D at init whatever the fps
+
+        # ---- context tokens (unCLIP): K tokens from y_e, then text hidden states; learned nulls for CFG
+        context_dim = None
+        if image_embed_dim:
+            self.image_embed_proj = nn.Linear(image_embed_dim, time_dim)
+            if self.num_image_tokens:
+                self.image_tokens_proj = nn.Linear(image_embed_dim, self.num_image_tokens * self.cond_dim)
+            # unit expected norm, like an L2-normalised CLIP embedding
+            self.null_image_embed = nn.Parameter(torch.randn(image_embed_dim) * image_embed_dim ** -0.5)
+        if text_dim:
+            self.text_proj = nn.Linear(text_dim, self.cond_dim)
+            self.null_text_hidden = nn.Parameter(torch.randn(text_dim))  # ~ a LayerNorm-ed hidden state
+        if self.num_image_tokens or text_dim:
+            context_dim = self.cond_dim
+            self.context_norm = nn.LayerNorm(self.cond_dim)
+
+        # ---- input
+        in_total = in_channels + (self.lowres_channels if lowres_cond else 0)
+        self.conv_in = Conv_P3D(in_total, dim, 3, temporal)
+        if extra_in_channels:
+            # zero-init and bias-free: output exactly 0 at init, and extra=None is exactly extra=zeros
+            self.extra_in = nn.Conv2d(extra_in_channels, dim, 3, padding=1, bias=False)
+            nn.init.zeros_(self.extra_in.weight)
+
+        def res(i: int, o: int) -> ResBlock:
+            return ResBlock(i, o, time_dim, dropout=dropout, temporal=temporal, norm_groups=norm_groups)
+
+        def attn(ch: int) -> Attn_P3D:
+            return Attn_P3D(ch, heads, dim_head, context_dim, temporal, max_frames)
+
+        # ---- down path (ADM layout: every block output is a skip)
+        self.down = nn.ModuleList()
+        skips, ch = [dim], dim
+        for level, mult in enumerate(dim_mults):
+            for _ in range(num_res_blocks):
+                layers: list[nn.Module] = [res(ch, dim * mult)]
+                ch = dim * mult
+                if level in attn_levels:
+                    layers.append(attn(ch))
+                self.down.append(Block(layers))
+                skips.append(ch)
+            if level != len(dim_mults) - 1:
+                self.down.append(Block([Downsample(ch, temporal)]))
+                skips.append(ch)
+
+        self.mid = Block([res(ch, ch), *([attn(ch)] if mid_attn else []), res(ch, ch)])
+
+        # ---- up path
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(dim_mults))):
+            for i in range(num_res_blocks + 1):
+                layers = [res(ch + skips.pop(), dim * mult)]
+                ch = dim * mult
+                if level in attn_levels:
+                    layers.append(attn(ch))
+                if level != 0 and i == num_res_blocks:
+                    layers.append(Upsample(ch, temporal))
+                self.up.append(Block(layers))
+
+        # ---- output
+        self.out_norm = _group_norm(ch, norm_groups)
+        self.out_conv = Conv_P3D(ch, out_channels, 3, temporal)
+        nn.init.zeros_(self.out_conv.spatial.weight)  # ADM: predict 0 at init
+        nn.init.zeros_(self.out_conv.spatial.bias)
+
+    # ------------------------------------------------------------------------------------------ parameter groups
+    def named_temporal_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Parameters ``D_t`` adds to ``D`` (names containing ``temporal`` or starting with ``fps_``)."""
+        return ((n, p) for n, p in self.named_parameters() if is_temporal_name(n))
+
+    def temporal_parameters(self) -> Iterator[nn.Parameter]:
+        """The temporal layers and fps embedding: what ``D_t`` trains when the spatial layers are frozen."""
+        return (p for _, p in self.named_temporal_parameters())
+
+    def spatial_parameters(self) -> Iterator[nn.Parameter]:
+        """Every other parameter (the text-to-image network, incl. ``extra_in``); with ``temporal_parameters``
+        a partition of ``parameters()``."""
+        return (p for n, p in self.named_parameters() if not is_temporal_name(n))
+
+    def freeze_spatial(self, frozen: bool = True) -> None:
+        """Set ``requires_grad = not frozen`` on the spatial parameters (paper: train only the new layers)."""
+        for p in self.spatial_parameters():
+            p.requires_grad_(not frozen)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """``{"total", "spatial", "temporal", "trainable"}`` scalar parameter counts."""
+        temporal = sum(p.numel() for p in self.temporal_parameters())
+        total = count_parameters(self)
+        return {"total": total, "spatial": total - temporal, "temporal": temporal,
+                "trainable": count_parameters(self, trainable_only=True)}
+
+    # --------------------------------------------------------------------------------------------- conditioning
+    def _context(self, b: int, image_embed: Tensor | None, text_hidden: Tensor | None, text_mask: Tensor | None,
+                 drop: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Returns ``(image embedding term [B, E] or None, context [B, L', Dc] or None, mask [B, L'] or None)``."""
+        tokens: list[Tensor] = []
+        emb_term = mask = None
+        if self.image_embed_dim:
+            null = self.null_image_embed[None].expand(b, -1)
+            if image_embed is None:
+                image_embed = null  # unconditional == dropped
+            else:
+                image_embed = image_embed.to(null.dtype)
+                if drop is not None:
+                    image_embed = torch.where(drop[:, None], null, image_embed)
+            emb_term = self.image_embed_proj(image_embed)
+            if self.num_image_tokens:
+                tokens.append(self.image_tokens_proj(image_embed).view(b, self.num_image_tokens, self.cond_dim))
+        if self.text_dim:
+            null = self.null_text_hidden.view(1, 1, -1)
+            if text_hidden is None:
+                text_hidden, text_mask = null.expand(b, 1, -1), None  # unconditional: one null token
+            else:
+                text_hidden = text_hidden.to(null.dtype)
+                if drop is not None:
+                    # a dropped caption becomes exactly the unconditional context: one null token (the first,
+                    # the rest masked out; L unmasked copies would weigh L times more in the joint softmax)
+                    text_hidden = torch.where(drop[:, None, None], null, text_hidden)
+                    first = torch.zeros_like(text_hidden[..., 0], dtype=torch.bool)
+                    first[:, 0] = True
+                    keep = text_mask.bool() if text_mask is not None else torch.ones_like(first)
+                    text_mask = torch.where(drop[:, None], first, keep)
+            tokens.append(self.text_proj(text_hidden))
+            if text_mask is not None:
+                mask = torch.cat([text_mask.new_ones(b, self.num_image_tokens, dtype=torch.bool),
+                                  text_mask.bool()], dim=1)
+        context = self.context_norm(torch.cat(tokens, dim=1)) if tokens else None
+        return emb_term, context, mask
+
+    def _to_layout(self, x: Tensor) -> tuple[Tensor, int | None]:
+        """``[B, C, H, W]`` or ``[B, C, F, H, W]`` -> (``[(B F), C, H, W]`` in the working memory format, F)."""
+        if x.ndim == 5:
+            return fold_frames(x, self.channels_last), x.shape[2]
+        if x.ndim != 4:
+            raise ValueError(f"expected [B,C,H,W] or [B,C,F,H,W], got shape {tuple(x.shape)}")
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format), None
+
+    # -------------------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        *,
+        image_embed: Tensor | None = None,
+        text_hidden: Tensor | None = None,
+        text_mask: Tensor | None = None,
+        lowres: Tensor | None = None,
+        lowres_noise_level: Tensor | None = None,
+        fps: Tensor | None = None,
+        extra: Tensor | None = None,
+        drop_cond: Tensor | None = None,
+        time: bool = True,
+    ) -> Tensor:
+        """Predict the diffusion target for noisy ``x``.
+
+        Args:
+            x: ``[B, C_in, H, W]`` image or ``[B, C_in, F, H, W]`` video (H, W divisible by
+                ``2 ** (len(dim_mults) - 1)``).
+            t: ``[B]`` diffusion step (float or int, the scheduler's scale, e.g. ``[0, 1000)``).
+            image_embed: ``[B, image_embed_dim]`` CLIP image embedding ``y_e``; ``None`` = the null embedding.
+            text_hidden: ``[B, L, text_dim]`` text hidden states; ``None`` = the null text token.
+            text_mask: ``[B, L]`` bool, True = real token.
+            lowres: ``[B, C_lr, h, w]`` / ``[B, C_lr, F, h, w]`` low-res input (required with ``lowres_cond``);
+                resized per frame to ``x``'s ``H, W`` (bilinear) and concatenated to ``x``.
+            lowres_noise_level: ``[B]`` noise-augmentation level of ``lowres`` on the timestep scale
+                (``None`` = 0).
+            fps: ``[B]`` frame rate (used with ``fps_cond``; ``None`` = no fps term).
+            extra: ``[B, extra_in_channels, (F,) H, W]`` (``↑F``: masked frames and mask); ``None`` = zeros.
+            drop_cond: ``[B]`` bool; True replaces that item's image embedding and text by the learned nulls
+                (classifier-free guidance).
+            time: False runs a video frame by frame (all temporal layers off).
+
+        Returns:
+            ``[B, out_channels, H, W]`` or ``[B, out_channels, F, H, W]`` (contiguous).
+        """
+        b = x.shape[0]
+        h, num_frames = self._to_layout(x)
+        if self.lowres_cond:
+            if lowres is None:
+                raise ValueError("this UNet has lowres_cond=True: pass lowres")
+            lr, lr_frames = self._to_layout(lowres.to(h.dtype))
+            if lr_frames != num_frames:
+                raise ValueError(f"lowres {tuple(lowres.shape)} and x {tuple(x.shape)} differ in frames")
+            if lr.shape[-2:] != h.shape[-2:]:
+                lr = F.interpolate(lr, size=h.shape[-2:], mode="bilinear", align_corners=False)
+            h = torch.cat([h, lr], dim=1)
+
+        emb = self.time_embed(t.to(h.device).reshape(b))
+        if self.lowres_cond:
+            level = lowres_noise_level if lowres_noise_level is not None else torch.zeros(b, device=h.device)
+            emb = emb + self.lowres_noise_embed(level.to(h.device).reshape(b))
+        if self.fps_cond and fps is not None:
+            emb = emb + self.fps_embed(fps.to(h.device).reshape(b))
+        drop = drop_cond.to(device=h.device, dtype=torch.bool).reshape(b) if drop_cond is not None else None
+        emb_term, context, context_mask = self._context(b, image_embed, text_hidden, text_mask, drop)
+        if emb_term is not None:
+            emb = emb + emb_term
+        emb = F.silu(emb)  # every res block's emb_proj starts with SiLU (ADM): do it once
+
+        h = self.conv_in.forward_frames(h, num_frames, time)
+        if self.extra_in_channels and extra is not None:
+            e, e_frames = self._to_layout(extra.to(h.dtype))
+            if e_frames != num_frames:
+                raise ValueError(f"extra {tuple(extra.shape)} and x {tuple(x.shape)} differ in frames")
+            h = h + self.extra_in(e)
+
+        skips = [h]
+        for block in self.down:
+            h = self._run(block, h, emb, context, context_mask, num_frames, time)
+            skips.append(h)
+        h = self._run(self.mid, h, emb, context, context_mask, num_frames, time)
+        for block in self.up:
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context, context_mask, num_frames, time)
+        h = self.out_conv.forward_frames(F.silu(self.out_norm(h)), num_frames, time)
+        if num_frames is None:
+            return h.contiguous()
+        return unfold_frames(h, num_frames)
+
+    def _run(self, block: Block, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None,
+             num_frames: int | None, time: bool) -> Tensor:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            # non-reentrant: works with keyword/None inputs and frozen (no-grad) spatial weights
+            return checkpoint(block, h, emb, context, mask, num_frames, time, use_reentrant=False)
+        return block(h, emb, context, mask, num_frames, time)

@@ -1,0 +1,223 @@
+"""C_x (lightning_mav.nn.clip.CLIP) and its contrastive training stage (CLIPStage)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from open_clip.transformer import text_global_pool
+
+from lightning_mav.nn.clip import CLIP
+
+CAPTIONS = [
+    "a small red circle moving",
+    "A LARGE Blue Square, top-left!",
+    "a medium green triangle moving right slowly across an empty grey background " * 3,  # longer than the context
+    "",
+]
+
+
+def tiny_cfg(custom_text: bool = False) -> dict:
+    """A CLIP small enough to build and run in milliseconds (same BPE vocabulary as every open_clip CLIP)."""
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    }
+    if custom_text:
+        cfg["custom_text"] = True  # -> open_clip.CustomTextCLIP (text tower under .text)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def clip() -> CLIP:
+    return CLIP("tiny", model_cfg=tiny_cfg())
+
+
+def test_tokenizer_matches_open_clip(clip: CLIP) -> None:
+    tokens = clip.tokenize(CAPTIONS)
+    assert tokens.shape == (len(CAPTIONS), 16) and tokens.dtype == torch.long
+    assert torch.equal(tokens, open_clip.get_tokenizer("ViT-B-32", context_length=16)(CAPTIONS))
+    assert torch.equal(tokens, open_clip.tokenize(CAPTIONS, context_length=16))
+    assert tokens[2, -1] == clip.tokenizer.eot_token_id  # truncated, still ends with EOT
+
+
+@pytest.mark.parametrize("custom_text", [False, True])
+def test_hidden_states_pool_to_open_clip_encode_text(custom_text: bool) -> None:
+    clip = CLIP("tiny", model_cfg=tiny_cfg(custom_text))
+    assert type(clip.model) is (open_clip.CustomTextCLIP if custom_text else open_clip.CLIP)
+    tokens = clip.tokenize(CAPTIONS)
+    e_x, hidden, mask = clip.encode_text_hidden(tokens, normalize=False)
+    assert e_x.shape == (4, 32) and hidden.shape == (4, 16, 32) and mask.shape == (4, 16)
+    reference = clip.model.encode_text(tokens)
+    torch.testing.assert_close(e_x, reference, rtol=0, atol=1e-6)
+    # Pooling the hidden states ourselves (EOT position, then the projection) gives the same embedding.
+    proj = clip.model.text.text_projection if custom_text else clip.model.text_projection
+    torch.testing.assert_close(text_global_pool(hidden, tokens, "argmax") @ proj, reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(clip.encode_text(tokens), clip.model.encode_text(tokens, normalize=True))
+    # Mask = SOT + BPE tokens + EOT.
+    assert mask.tolist()[0] == [True] * 7 + [False] * 9
+    assert mask[2].all() and mask[3].sum() == 2
+
+
+def test_encode_image_normalises_and_resizes(clip: CLIP) -> None:
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    reference = clip.model.encode_image(((images + 1) / 2 - mean) / std, normalize=True)
+    torch.testing.assert_close(clip.encode_image(images), reference)
+    # Other sizes and aspect ratios: shortest side resized to 32, then a centre crop.
+    assert clip.preprocess(torch.zeros(1, 3, 64, 96)).shape == (1, 3, 32, 32)
+    y_e = clip.encode_image(torch.rand(3, 3, 48, 64) * 2 - 1)
+    assert y_e.shape == (3, 32)
+    torch.testing.assert_close(y_e.norm(dim=-1), torch.ones(3))
+
+
+def test_frozen_by_default(clip: CLIP) -> None:
+    assert not any(p.requires_grad for p in clip.parameters())
+    clip.train()
+    assert not clip.training  # stays in eval mode inside a LightningModule
+    assert not clip.encode_text(clip.tokenize(["a red circle"])).requires_grad
+    trainable = CLIP("tiny", model_cfg=tiny_cfg(), freeze=False)
+    assert all(p.requires_grad for p in trainable.parameters()) and trainable.training
+    assert trainable.encode_image(torch.zeros(1, 3, 32, 32)).requires_grad
+
+
+def test_mav_tiny_builds() -> None:
+    clip = CLIP()  # the built-in default
+    assert (clip.embed_dim, clip.text_width, clip.context_length, clip.image_size) == (128, 128, 32, (64, 64))
+    assert clip.encode_image(torch.zeros(1, 3, 32, 32)).shape == (1, 128)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_local_weights_round_trip(clip: CLIP, tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"weights{suffix}"
+    state = {k: v.contiguous() for k, v in clip.model.state_dict().items()}
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    tokens, images = clip.tokenize(CAPTIONS), torch.rand(2, 3, 32, 32) * 2 - 1
+    loaded = CLIP("tiny", pretrained=str(path), model_cfg=tiny_cfg())
+    fresh = CLIP("tiny", model_cfg=tiny_cfg())
+    assert torch.equal(loaded.encode_text(tokens), clip.encode_text(tokens))
+    assert torch.equal(loaded.encode_image(images), clip.encode_image(images))
+    assert not torch.allclose(fresh.encode_text(tokens), clip.encode_text(tokens))
+
+
+def test_from_checkpoint_open_clip_weights(tmp_path: Path) -> None:
+    clip = CLIP("mav-tiny")
+    path = tmp_path / "open_clip_model.bin"
+    torch.save(clip.model.state_dict(), path)
+    with pytest.raises(ValueError, match="model_name"):
+        CLIP.from_checkpoint(path)
+    loaded = CLIP.from_checkpoint(path, model_name="mav-tiny")
+    tokens = clip.tokenize(CAPTIONS)
+    assert torch.equal(loaded.encode_text(tokens), clip.encode_text(tokens))
+
+
+def test_missing_file_is_a_clear_error_and_never_downloads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"download attempted: {args} {kwargs}")
+
+    import huggingface_hub
+    import open_clip.factory
+    import open_clip.pretrained
+
+    for module, name in [(open_clip.pretrained, "download_pretrained"), (open_clip.pretrained, "download_pretrained_from_hf"),
+                         (open_clip.pretrained, "download_pretrained_from_url"), (open_clip.factory, "download_pretrained"),
+                         (open_clip.factory, "download_pretrained_from_hf"), (huggingface_hub, "hf_hub_download")]:
+        monkeypatch.setattr(module, name, no_download)
+    missing = tmp_path / "nope" / "clip.pt"
+    for make in (lambda: CLIP("ViT-B-32", pretrained=str(missing)),
+                 lambda: CLIP("ViT-B-32", pretrained="openai"),  # a pretrained *tag* is just a missing file here
+                 lambda: CLIP.from_checkpoint(missing)):
+        with pytest.raises(FileNotFoundError) as err:
+            make()
+        message = str(err.value)
+        assert "\n" not in message and ("nope/clip.pt" in message or "openai" in message)
+    with pytest.raises(ValueError, match="schemas"):
+        CLIP("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
+
+
+# --------------------------------------------------------------------------------------------------- CLIPStage
+SHAPES_CAPTIONS = [f"a {size} {color} {shape}" for size, color, shape in
+                   zip(["small", "large"] * 4, ["red", "green", "blue", "yellow"] * 2, ["circle"] * 3 + ["square"] * 3 + ["triangle"] * 2)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Several test processes share 2 cores: one intra-op thread each is ~20x faster than oversubscribed threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_batch() -> dict:
+    return {"image": torch.rand(8, 3, 32, 32) * 2 - 1, "caption": list(SHAPES_CAPTIONS), "key": [str(i) for i in range(8)]}
+
+
+def test_clip_stage_overfits_one_batch() -> None:
+    from lightning_mav.stages.clip import CLIPStage
+
+    stage = CLIPStage("tiny", model_cfg=tiny_cfg(), lr=2e-3, weight_decay=0.0, warmup_steps=0)
+    assert all(p.requires_grad for p in stage.clip.parameters())
+    optimizer = stage.configure_optimizers()["optimizer"]
+    batch, losses = tiny_batch(), []
+    for step in range(40):
+        loss, batch_size = stage.compute_loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        stage.on_train_batch_end(None, batch, step)
+        losses.append(loss.item())
+    assert batch_size == 8
+    assert losses[-1] < losses[0] / 10, losses
+    assert stage.clip.model.logit_scale.item() <= math.log(100) + 1e-6
+
+
+def test_clip_stage_checkpoint_loads_as_clip(tmp_path: Path) -> None:
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from lightning_mav.stages.clip import CLIPStage
+
+    stage = CLIPStage("tiny", model_cfg=tiny_cfg(), lr=1e-3, warmup_steps=2)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", limit_val_batches=1, num_sanity_val_steps=0)
+    one_batch = DataLoader([tiny_batch()], batch_size=None)  # batch_size=None: items are already batches
+    trainer.fit(stage, train_dataloaders=one_batch, val_dataloaders=one_batch)
+    assert {"train/loss", "val/loss"} <= set(trainer.callback_metrics)
+    path = tmp_path / "clip.ckpt"
+    trainer.save_checkpoint(path)
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # plain hyperparameters: no unsafe unpickling
+    assert ckpt["hyper_parameters"]["model_cfg"] == tiny_cfg()
+    assert any(k.startswith("clip.model.") for k in ckpt["state_dict"])
+    clip = CLIP.from_checkpoint(path)
+    assert not clip.training and not any(p.requires_grad for p in clip.parameters())
+    tokens, images = clip.tokenize(SHAPES_CAPTIONS), torch.rand(2, 3, 32, 32) * 2 - 1
+    reloaded = CLIPStage.load_from_checkpoint(path, weights_only=True)
+    stage.eval()
+    with torch.no_grad():  # same (fused) attention path everywhere, so outputs are bit-identical
+        assert torch.equal(clip.encode_text(tokens), stage.clip.encode_text(tokens))
+        assert torch.equal(clip.encode_image(images), stage.clip.encode_image(images))
+        assert torch.equal(reloaded.clip.encode_text(tokens), clip.encode_text(tokens))
+
+
+def test_clip_stage_ignores_evaluation_padding() -> None:
+    from lightning_mav.stages.clip import CLIPStage
+
+    stage = CLIPStage("tiny", model_cfg=tiny_cfg())
+    batch = {**tiny_batch(), "valid": torch.tensor([True] * 6 + [False] * 2)}
+    loss, batch_size = stage.compute_loss(batch)
+    real = {"image": batch["image"][:6], "caption": batch["caption"][:6]}
+    assert batch_size == 6
+    torch.testing.assert_close(loss, stage.compute_loss(real)[0])
+    assert stage.compute_loss({**batch, "valid": torch.zeros(8, dtype=torch.bool)})[1] == 0
