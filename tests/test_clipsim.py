@@ -1,0 +1,119 @@
+"""CLIPSIM: the per-frame CLIP score averaged over frames and videos; local weights only; DDP exactness."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_mav.metrics import CLIPSIM
+from lightning_mav.nn.clip import CLIP
+
+PROMPTS = ["a small red circle moving", "a large blue square bouncing around", "a medium green triangle moving"]
+
+
+# DDP tests run 2 CPU processes over gloo. "fork" rather than "spawn": spawned children re-import torch,
+# torchmetrics and open_clip (~15-40 s on the shared 2-core machine), forked ones start at once. Safe here
+# because each child sets one intra-op thread before any op (OpenMP pools do not survive a fork).
+START_METHOD = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on the shared 2-core machine OpenMP's spinning threads make small ops ~30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _clip(seed: int = 0) -> CLIP:
+    torch.manual_seed(seed)
+    return CLIP("mav-tiny")  # random weights: enough to check the arithmetic
+
+
+def _clip_score(clip: CLIP, image: Tensor, prompt: str) -> float:
+    """The CLIP score of one image ``[3, H, W]``, computed directly with the wrapper."""
+    with torch.no_grad():
+        y = F.normalize(clip.encode_image(image[None]), dim=-1)
+        e = F.normalize(clip.encode_text(clip.tokenize([prompt])), dim=-1)
+    return float((y * e).sum())
+
+
+def test_repeated_frame_video_equals_the_frame_clip_score() -> None:
+    clip = _clip()
+    frame = torch.rand(3, 48, 48) * 2 - 1  # not CLIP's 64 px: the wrapper's open_clip preprocessing resizes
+    video = frame[:, None].repeat(1, 5, 1, 1)  # [3, F=5, H, W]
+    metric = CLIPSIM(clip)
+    metric.update(video[None], PROMPTS[:1])
+    expected = _clip_score(clip, frame, PROMPTS[0])
+    assert float(metric.compute()) == pytest.approx(expected, abs=1e-6)
+    scaled = CLIPSIM(clip, scale=100)
+    scaled.update(video[None], PROMPTS[:1])
+    assert float(scaled.compute()) == pytest.approx(100 * expected, abs=1e-4)
+
+
+def test_mean_over_frames_then_over_videos() -> None:
+    clip = _clip()
+    videos = torch.rand(3, 3, 4, 64, 64) * 2 - 1
+    per_video = [
+        sum(_clip_score(clip, videos[i, :, t], PROMPTS[i]) for t in range(4)) / 4 for i in range(3)
+    ]
+    metric = CLIPSIM(clip, frame_batch=3)  # chunking must not change anything
+    metric.update(videos[:2], PROMPTS[:2])
+    metric.update(videos[2:], PROMPTS[2:])
+    assert float(metric.compute()) == pytest.approx(sum(per_video) / 3, abs=1e-6)
+    # Images are one-frame videos.
+    images = CLIPSIM(clip)
+    images.update(videos[:, :, 0], PROMPTS)
+    expected = sum(_clip_score(clip, videos[i, :, 0], PROMPTS[i]) for i in range(3)) / 3
+    assert float(images.compute()) == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match="3 videos but 2 prompts"):
+        metric.update(videos, PROMPTS[:2])
+
+
+def test_named_model_with_local_weights(tmp_path: Path) -> None:
+    clip = _clip(seed=1)
+    weights = tmp_path / "mav_tiny.pt"
+    torch.save(clip.model.state_dict(), weights)
+    video = torch.rand(1, 3, 2, 64, 64) * 2 - 1
+    by_instance, by_name = CLIPSIM(clip), CLIPSIM("mav-tiny", pretrained=weights)
+    by_instance.update(video, PROMPTS[:1])
+    by_name.update(video, PROMPTS[:1])
+    assert float(by_name.compute()) == pytest.approx(float(by_instance.compute()), abs=1e-6)
+    with pytest.raises(FileNotFoundError, match=f"CLIP weights not found at {tmp_path / 'missing.pt'}"):
+        CLIPSIM("ViT-B-32", pretrained=tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="needs local weights"):
+        CLIPSIM("ViT-B-32")
+
+
+def _ddp_worker(rank: int, world: int, store: str, weights: str, videos: Tensor, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        metric = CLIPSIM("mav-tiny", pretrained=weights)
+        metric.update(videos[rank::world], PROMPTS[rank::world])
+        torch.save(float(metric.compute()), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
+    clip = _clip(seed=2)
+    weights = tmp_path / "mav_tiny.pt"
+    torch.save(clip.model.state_dict(), weights)
+    videos = torch.rand(3, 3, 2, 64, 64) * 2 - 1  # 3 videos over 2 ranks: uneven shards
+    single = CLIPSIM(clip)
+    single.update(videos, PROMPTS)
+    expected = float(single.compute())
+
+    out = str(tmp_path / "result")
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "store"), str(weights), videos, out), nprocs=2,
+                       start_method=START_METHOD)
+    for rank in range(2):
+        assert torch.load(f"{out}.{rank}", weights_only=True) == pytest.approx(expected, abs=1e-6)
