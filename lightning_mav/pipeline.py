@@ -1,0 +1,441 @@
+"""MakeAVideoPipeline: text -> video, ``ŷ_t = SR_h ∘ SR_t ∘ ↑F ∘ D_t ∘ P(x̂, C_x(x))``, and ``mav generate``.
+
+    prompts ──C_x, x̂──> P ──y_e [B,D]──> D_t ──[B,3,16,h,h]──> ↑F ──[B,3,76,h,h]──> SR_t ──[B,3,76,m,m]──> SR_h
+                                                                                        (per frame, same noise)
+
+Every network is one stage checkpoint (``runs/<stage>/checkpoints/last.ckpt`` by default: ``clip``, ``prior``,
+``dt``, ``interp``, ``sr_t``, ``sr_h``). ↑F, SR_t and SR_h are optional: a missing one is skipped and
+``stop_after`` ends the chain early. Randomness: one generator per stage, derived from ``seed`` and the stage's
+name, so changing one stage's steps or dropping a later stage does not change what the earlier stages draw.
+
+SR_h is the paper's per-frame super-resolution with the *same* initial noise for every frame (the detail it
+hallucinates then stays put from frame to frame): :func:`frame_shared_noise` draws ``[B, 3, 1, H, W]`` and
+expands it over the frames, the low-resolution augmentation noise likewise, and the sampler is deterministic
+(DDIM), so those two draws are all the randomness SR_h sees.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from einops import rearrange
+from torch import Tensor, nn
+
+from lightning_mav.checkpoints import CheckpointError, load_checkpoint
+from lightning_mav.media import write_gif, write_mp4
+from lightning_mav.stages.base import StageBase
+from lightning_mav.stages.decoder import DecoderStage
+from lightning_mav.stages.interpolation import InterpolationStage
+from lightning_mav.stages.prior import PriorStage
+from lightning_mav.stages.superres import SuperResStage
+
+#: the sampled networks, in the order of the chain (C_x is a frozen encoder, not sampled)
+STAGES: tuple[str, ...] = ("P", "D_t", "up_F", "SR_t", "SR_h")
+#: experiment / run-folder name of each network: ``runs/<name>/``, ``experiments/<name>.yaml``
+RUN_NAMES: dict[str, str] = {"clip": "clip", "P": "prior", "D_t": "dt", "up_F": "interp", "SR_t": "sr_t",
+                             "SR_h": "sr_h"}
+_ALIASES: dict[str, str] = {**{v: k for k, v in RUN_NAMES.items()}, **{s.lower(): s for s in STAGES}, "↑f": "up_F",
+                            "d_t": "D_t", "interpolation": "up_F", "decoder": "D_t"}
+PerStage = int | float | dict[str, int | float] | None
+
+
+def stage_name(name: str) -> str:
+    """Canonical stage name (``"D_t"``) of a paper or run-folder name (``"dt"``, ``"interp"``, ``"↑F"``, ...)."""
+    canonical = name if name in RUN_NAMES else _ALIASES.get(name.lower())
+    if canonical is None:
+        raise ValueError(f"unknown stage {name!r}: use one of {', '.join(STAGES)} (or {', '.join(RUN_NAMES.values())})")
+    return canonical
+
+
+def train_command(stage: str) -> str:
+    """The command that trains ``stage`` and writes its default checkpoint."""
+    return f"lightning fit --config experiments/{RUN_NAMES[stage_name(stage)]}.yaml"
+
+
+def default_checkpoint(runs: str | Path, stage: str) -> Path:
+    """``runs/<stage>/checkpoints/last.ckpt``."""
+    return Path(runs) / RUN_NAMES[stage_name(stage)] / "checkpoints" / "last.ckpt"
+
+
+def frame_shared_noise(shape: Sequence[int], *, generator: torch.Generator | None = None,
+                       device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Gaussian noise ``[B, C, F, H, W]`` identical for every frame: one ``[B, C, 1, H, W]`` draw, expanded (a view)."""
+    b, c, f, h, w = shape
+    return randn_tensor((b, c, 1, h, w), generator=generator, device=torch.device(device or "cpu"),
+                        dtype=dtype).expand(b, c, f, h, w)
+
+
+def stage_generator(seed: int, stage: str) -> torch.Generator:
+    """A CPU generator for one stage of one seed (CPU: the same seed gives the same video on any device)."""
+    digest = hashlib.blake2b(f"{seed}/{stage}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def per_stage(value: PerStage, stage: str, default: Any) -> Any:
+    """Resolve an int/float for every stage, or a dict ``{stage: value, "*": fallback}``, for ``stage``."""
+    if value is None:
+        return default
+    if not isinstance(value, dict):
+        return value
+    by_stage = {("*" if k == "*" else stage_name(k)): v for k, v in value.items()}
+    return by_stage.get(stage, by_stage.get("*", default))
+
+
+@contextmanager
+def stage_progress(network: nn.Module, desc: str, total: int, enabled: bool = True) -> Iterator[None]:
+    """A tqdm bar for one stage, ticked by every forward call of its ``network`` (one call per sampling step)."""
+    if not enabled:
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+    handle = network.register_forward_hook(lambda *_: bar.update(1))
+    try:
+        yield
+    finally:
+        handle.remove()
+        bar.close()
+
+
+# ---------------------------------------------------------------------------------------------- loading stages
+def load_stage(cls: type[StageBase], path: str | Path, *, stage: str, clip_ckpt: str | None = None,
+               image_embed_dim: int | None = None) -> StageBase:
+    """Rebuild a trained stage from its Lightning checkpoint for inference (eval mode, no gradients).
+
+    The architecture comes from the checkpoint's hyperparameters and the weights from its ``state_dict`` (the EMA
+    weights when they were averaged). ``init_from`` is not followed (the weights are here already). The frozen CLIP
+    is not re-loaded per stage: P loads ``clip_ckpt`` (it becomes the pipeline's ``C_x``) and the decoders only
+    get ``image_embed_dim``, the width that CLIP would have given their U-Net.
+    """
+    ckpt = load_checkpoint(path, hint=f"train {stage} with `{train_command(stage)}`")
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if k in params}
+    if "init_from" in params:
+        kwargs["init_from"] = None
+    if cls is PriorStage:
+        kwargs["clip_ckpt"] = clip_ckpt = clip_ckpt or kwargs.get("clip_ckpt")
+        if not clip_ckpt or not Path(clip_ckpt).expanduser().is_file():
+            raise CheckpointError(f"{path}: the CLIP checkpoint P was trained with ({clip_ckpt}) is missing — pass "
+                                  f"clip= (--clip) or train it with `{train_command('clip')}`")
+    elif "clip_ckpt" in params:
+        # D_t / ↑F record the resolved image_embed_dim; this covers checkpoints that left it to their CLIP
+        if kwargs.get("clip_ckpt") and image_embed_dim is not None:
+            kwargs["unet"] = {"image_embed_dim": image_embed_dim, **(kwargs.get("unet") or {})}
+        kwargs["clip_ckpt"] = None
+    try:
+        module = cls(**kwargs)
+        state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("clip.")}
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"{path}: not a {stage} checkpoint ({cls.__name__}): "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    missing = [k for k in missing if not k.startswith("clip.")]
+    if missing or unexpected:
+        def few(xs: list[str]) -> str:
+            return ", ".join(xs[:3]) + (f" (+{len(xs) - 3} more)" if len(xs) > 3 else "")
+        raise CheckpointError(f"{path}: not a {stage} checkpoint ({cls.__name__}): missing {len(missing)} "
+                              f"[{few(missing)}], unexpected {len(unexpected)} [{few(unexpected)}]")
+    module.eval().requires_grad_(False)
+    return module
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+    if dtype not in names:
+        raise ValueError(f"dtype must be one of {sorted(names)} or 'auto', got {dtype!r}")
+    return names[dtype]
+
+
+# ---------------------------------------------------------------------------------------------- the pipeline
+class MakeAVideoPipeline:
+    """The trained networks of Make-A-Video chained for inference.
+
+    Attributes (paper names): ``C_x`` (CLIP text/image encoder, frozen), ``P`` (prior), ``D_t`` (spatiotemporal
+    decoder), ``up_F`` (↑F, frame interpolation), ``SR_t`` (spatiotemporal super-resolution), ``SR_h`` (per-frame
+    super-resolution); the last three may be None (skipped).
+
+    Args:
+        device: default CUDA when available.
+        dtype: compute dtype; ``None``/"auto" = bfloat16 autocast on CUDA, float32 on CPU. Weights stay float32
+            (the samplers' arithmetic with them); only the networks' matmuls/convs run in ``dtype``.
+    """
+
+    def __init__(self, C_x: nn.Module, P: PriorStage, D_t: DecoderStage, up_F: InterpolationStage | None = None,
+                 SR_t: SuperResStage | None = None, SR_h: SuperResStage | None = None, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | str | None = None) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = _resolve_dtype(dtype, self.device)
+        self.C_x, self.P, self.D_t, self.up_F, self.SR_t, self.SR_h = C_x, P, D_t, up_F, SR_t, SR_h
+        for network in (C_x, *self.stages.values()):
+            network.to(self.device).eval()
+        self.last_fps: float | None = None  # frame rate of the frames the last call returned (what save() uses)
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        *,
+        clip: str | Path | None = None,
+        prior: str | Path,
+        decoder: str | Path,
+        interpolation: str | Path | None = None,
+        sr_t: str | Path | None = None,
+        sr_h: str | Path | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> MakeAVideoPipeline:
+        """Load each network from its stage checkpoint (a path; None skips an optional stage).
+
+        ``clip`` defaults to the CLIP checkpoint recorded in P's hyperparameters; ``decoder`` is a D_t checkpoint
+        (``runs/dt``). Every path is checked before anything is loaded, so a missing one fails at once with the
+        command that makes it.
+        """
+        given = {"clip": clip, "P": prior, "D_t": decoder, "up_F": interpolation, "SR_t": sr_t, "SR_h": sr_h}
+        for stage, path in given.items():
+            if path is not None and not Path(path).expanduser().is_file():
+                raise CheckpointError(f"checkpoint not found: {path} — train {stage} with `{train_command(stage)}`")
+        P = load_stage(PriorStage, prior, stage="P", clip_ckpt=None if clip is None else str(clip))
+        C_x = P.clip  # the frozen CLIP P was trained with: C_x(x) and x̂ for P, and its embed width for D_t / ↑F
+        embed_dim = C_x.embed_dim
+        D_t = load_stage(DecoderStage, decoder, stage="D_t", image_embed_dim=embed_dim)
+        if not D_t.unet.temporal:
+            raise CheckpointError(f"{decoder}: a D (image decoder) checkpoint, not D_t: it has no temporal layers — "
+                                  f"train D_t from it with `{train_command('D_t')}`")
+        if D_t.unet.extra_in_channels:
+            raise CheckpointError(f"{decoder}: an ↑F checkpoint (extra input channels), not D_t — give it as "
+                                  "interpolation= (--interp)")
+        up_F = None if interpolation is None else load_stage(InterpolationStage, interpolation, stage="up_F",
+                                                             image_embed_dim=embed_dim)
+        SR_t = None if sr_t is None else load_stage(SuperResStage, sr_t, stage="SR_t")
+        if SR_t is not None and not SR_t.unet.temporal:
+            raise CheckpointError(f"{sr_t}: an image super-resolution checkpoint (SR_l / SR_h), not SR_t: it has no "
+                                  f"temporal layers — train SR_t with `{train_command('SR_t')}`")
+        SR_h = None if sr_h is None else load_stage(SuperResStage, sr_h, stage="SR_h")
+        for stage in (D_t, up_F):
+            if stage is not None:
+                stage.clip = C_x  # shared, so ↑F can embed frames on its own (interpolate without y_e)
+        return cls(C_x, P, D_t, up_F, SR_t, SR_h, device=device, dtype=dtype)
+
+    @property
+    def stages(self) -> dict[str, StageBase]:
+        """The loaded networks by paper name, in the order of the chain."""
+        return {name: getattr(self, name) for name in STAGES if getattr(self, name) is not None}
+
+    def autocast(self):
+        """bfloat16 (``dtype``) autocast on CUDA; nothing on CPU or in float32."""
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.dtype)
+        return nullcontext()
+
+    # ------------------------------------------------------------------ the chain
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: str | list[str],
+        *,
+        num_frames: int = 16,
+        fps: float = 6.0,
+        skip: int = 5,
+        steps: PerStage = None,
+        guidance: PerStage = None,
+        seed: int = 0,
+        output_fps: float | None = None,
+        stop_after: str | None = None,
+        frame_batch: int | None = None,
+        progress: bool = True,
+    ) -> Tensor:
+        """Generate one video per prompt: frames ``[B, F', 3, H, W]`` in [-1, 1] (on the CPU, float32).
+
+        Args:
+            num_frames: frames D_t generates (16 in the paper).
+            fps: frame rate D_t is conditioned on; ↑F's output has ``fps · skip``.
+            skip: ↑F's frame-rate factor: ``F' = (num_frames - 1) · skip + 1`` (16 -> 76 at skip 5).
+            steps: sampling steps, one int for every stage or ``{"D_t": 50, "SR_h": 20, "*": 30}``
+                (paper or run-folder names); unset stages use their checkpoint's ``sample_steps``.
+            guidance: classifier-free guidance scale(s) of P, D_t and ↑F, same forms as ``steps``.
+            seed: same seed, same video.
+            output_fps: frame rate recorded for :meth:`save` (default: the frames' own rate).
+            stop_after: last stage to run (``"D_t"``, ``"up_F"``, ``"SR_t"``; default all loaded ones).
+            frame_batch: SR_h frames per network call (all at once by default); the noise stays shared.
+            progress: a progress bar per stage.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        last = STAGES.index(stage_name(stop_after)) if stop_after is not None else len(STAGES) - 1
+        if last < STAGES.index("D_t"):
+            raise ValueError("stop_after must be D_t or later: P alone makes embeddings, not frames")
+
+        def run(stage: str) -> bool:
+            return getattr(self, stage) is not None and STAGES.index(stage) <= last
+
+        def n_steps(stage: str) -> int:
+            return int(per_stage(steps, stage, getattr(self, stage).sample_steps))
+
+        def scale(stage: str) -> float:
+            return float(per_stage(guidance, stage, getattr(self, stage).guidance_scale))
+
+        with self.autocast():
+            # x̂ = BPE(x), e_x = C_x(x)  ->  y_e = P(e_x, x̂)
+            with stage_progress(self.P.prior, "P", n_steps("P"), progress):
+                y_e = self.P.sample(prompts, steps=n_steps("P"), guidance_scale=scale("P"),
+                                    generator=stage_generator(seed, "P"))
+            # D_t: y_e -> num_frames low-resolution frames at `fps`
+            with stage_progress(self.D_t.unet, "D_t", n_steps("D_t"), progress):
+                video = self.D_t.sample(y_e, num_frames=num_frames, fps=fps, steps=n_steps("D_t"),
+                                        guidance_scale=scale("D_t"), generator=stage_generator(seed, "D_t"))
+            rate = float(fps)
+            if run("up_F"):  # ↑F: skip - 1 new frames between every pair
+                with stage_progress(self.up_F.unet, "↑F", n_steps("up_F"), progress):
+                    video = self.up_F.interpolate(video, skip, image_embed=y_e, fps=fps, steps=n_steps("up_F"),
+                                                  guidance_scale=scale("up_F"),
+                                                  generator=stage_generator(seed, "up_F"))
+                rate *= skip
+            if run("SR_t"):  # SR_t: all frames at once, temporal layers on
+                with stage_progress(self.SR_t.unet, "SR_t", n_steps("SR_t"), progress):
+                    video = self.SR_t.sample(video, steps=n_steps("SR_t"), generator=stage_generator(seed, "SR_t"))
+            if run("SR_h"):  # SR_h: frame by frame, the same noise for every frame
+                video = self.super_resolve_frames(video, steps=n_steps("SR_h"), seed=seed, frame_batch=frame_batch,
+                                                  progress=progress)
+        self.last_fps = float(output_fps or rate)
+        return rearrange(video.float().clamp(-1, 1), "b c f h w -> b f c h w").cpu()
+
+    @torch.no_grad()
+    def super_resolve_frames(self, video: Tensor, *, steps: int | None = None, seed: int = 0,
+                             frame_batch: int | None = None, progress: bool = False) -> Tensor:
+        """SR_h on every frame of ``video [B, 3, F, h, w]`` -> ``[B, 3, F, k·h, k·w]``, one noise for all frames.
+
+        Both the initial noise of the high-res sample and the low-res augmentation noise come from
+        :func:`frame_shared_noise`; the sampler is deterministic (DDIM unless the stage's is DPM-Solver++), so
+        the frames differ only where their low-resolution inputs do.
+        """
+        sr, (b, c, f, h, w) = self.SR_h, video.shape
+        generator = stage_generator(seed, "SR_h")
+        noise = frame_shared_noise((b, c, f, h * sr.factor, w * sr.factor), generator=generator, device=self.device)
+        lowres_noise = frame_shared_noise((b, c, f, h, w), generator=generator, device=self.device)
+        frames, noise, lowres_noise = (rearrange(x, "b c f h w -> (b f) c h w") for x in (video, noise, lowres_noise))
+        sampler = sr.sampler if sr.sampler in ("ddim", "dpm++") else "ddim"
+        chunk = frame_batch or frames.shape[0]
+        n_steps = steps or sr.sample_steps
+        outs = []
+        with stage_progress(sr.unet, "SR_h", n_steps * -(-frames.shape[0] // chunk), progress):
+            for i in range(0, frames.shape[0], chunk):
+                outs.append(sr.sample(frames[i:i + chunk], noise=noise[i:i + chunk],
+                                      lowres_noise=lowres_noise[i:i + chunk], steps=n_steps, sampler=sampler))
+        return rearrange(torch.cat(outs), "(b f) c h w -> b c f h w", b=b)
+
+    # ------------------------------------------------------------------ output
+    def save(self, frames: Tensor, out_path: str | Path, fps: float | None = None, gif: bool = True) -> list[Path]:
+        """Write ``frames [B, F, 3, H, W]`` (or ``[F, 3, H, W]``) as mp4 (H.264) and gif.
+
+        One prompt: ``out.mp4`` + ``out.gif``; several: ``out-0.mp4``, ``out-0.gif``, ``out-1.mp4``, ...
+        ``fps`` defaults to the rate of the last call's frames. Returns the written paths.
+        """
+        fps = float(fps or self.last_fps or 8.0)
+        frames = frames[None] if frames.dim() == 4 else frames
+        out, paths = Path(out_path), []
+        for i, video in enumerate(frames):
+            mp4 = out.with_suffix(".mp4") if len(frames) == 1 else out.with_name(f"{out.stem}-{i}.mp4")
+            paths.append(write_mp4(video, mp4, fps=fps))
+            if gif:
+                paths.append(write_gif(video, mp4.with_suffix(".gif"), fps=fps))
+        return paths
+
+
+# ---------------------------------------------------------------------------------------------- mav generate
+def parse_per_stage(text: str | None, kind: type = int) -> PerStage:
+    """``"30"`` -> 30; ``"D_t=50,sr_h=20"`` -> ``{"D_t": 50, "SR_h": 20}``; ``"30,SR_h=10"`` -> with ``"*": 30``."""
+    if text is None:
+        return None
+    if "=" not in text:
+        return kind(text)
+    out: dict[str, Any] = {}
+    for item in text.split(","):
+        key, is_pair, value = item.partition("=")
+        if is_pair:
+            out[stage_name(key.strip())] = kind(value.strip())
+        else:
+            out["*"] = kind(key.strip())
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mav generate", description="Text to video with the trained Make-A-Video chain.")
+    p.add_argument("prompts", nargs="+", help="one video per prompt")
+    p.add_argument("--out", default="out.mp4", help="output mp4 (a gif is written beside it); -0, -1 ... per prompt")
+    p.add_argument("--runs", default="runs", help="run folders holding <stage>/checkpoints/last.ckpt")
+    for stage in ("clip", "P", "D_t", "up_F", "SR_t", "SR_h"):
+        name = RUN_NAMES[stage].replace("_", "-")
+        p.add_argument(f"--{name}", dest=RUN_NAMES[stage], metavar="CKPT",
+                       help=f"{stage} checkpoint (default RUNS/{RUN_NAMES[stage]}/checkpoints/last.ckpt"
+                            + {"up_F": "; 'none' skips it)", "SR_t": "; 'none' skips it)", "SR_h": "; 'none' skips it)",
+                               "clip": "; 'none': the one P was trained with)"}.get(stage, ")"))
+    p.add_argument("--steps", help="sampling steps: N, or STAGE=N,... (e.g. 'D_t=50,SR_h=20')")
+    p.add_argument("--guidance", help="guidance scale: G, or STAGE=G,... (P, D_t, up_F)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-frames", type=int, default=16)
+    p.add_argument("--fps", type=float, default=6.0, help="frame rate D_t is conditioned on")
+    p.add_argument("--skip", type=int, default=5, help="↑F frame-rate factor (16 -> 76 frames at 5)")
+    p.add_argument("--output-fps", type=float, default=None)
+    p.add_argument("--stop-after", choices=["D_t", "up_F", "SR_t", "SR_h", "dt", "interp", "sr_t", "sr_h"])
+    p.add_argument("--frame-batch", type=int, default=None, help="SR_h frames per call")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA), bf16, fp16 or fp32")
+    p.add_argument("--no-gif", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    """``mav generate "a red circle moving" --out out.mp4``; returns the written files."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        steps, guidance = parse_per_stage(args.steps, int), parse_per_stage(args.guidance, float)
+    except ValueError as e:
+        parser.error(str(e))
+    last = STAGES.index(stage_name(args.stop_after)) if args.stop_after else len(STAGES) - 1
+    paths: dict[str, str | None] = {}
+    for stage, name in RUN_NAMES.items():
+        given = getattr(args, name)
+        beyond_stop = stage in STAGES and STAGES.index(stage) > last
+        if beyond_stop or (given or "").lower() == "none":
+            paths[stage] = None
+            continue
+        path = Path(given) if given else default_checkpoint(args.runs, stage)
+        if not path.is_file():  # one line: what is missing and what makes it
+            later = f" (or skip it: --{name.replace('_', '-')} none / --stop-after)" if stage in STAGES[2:] else ""
+            sys.stderr.write(f"error: {stage} checkpoint not found: {path} — make it with "
+                             f"`{train_command(stage)}`{later}\n")
+            raise SystemExit(2)
+        paths[stage] = str(path)
+    try:
+        pipe = MakeAVideoPipeline.from_checkpoints(
+            clip=paths["clip"], prior=paths["P"], decoder=paths["D_t"], interpolation=paths["up_F"],
+            sr_t=paths["SR_t"], sr_h=paths["SR_h"], device=args.device, dtype=args.dtype)
+    except CheckpointError as e:
+        sys.stderr.write(f"error: {e}\n")
+        raise SystemExit(2) from None
+    frames = pipe(args.prompts, num_frames=args.num_frames, fps=args.fps, skip=args.skip,
+                  steps=steps, guidance=guidance,
+                  seed=args.seed, output_fps=args.output_fps, stop_after=args.stop_after,
+                  frame_batch=args.frame_batch, progress=not args.no_progress)
+    written = pipe.save(frames, args.out, gif=not args.no_gif)
+    for path in written:
+        print(path)  # noqa: T201 - the command's output
+    return written
+
+
+if __name__ == "__main__":
+    main()

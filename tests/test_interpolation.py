@@ -1,0 +1,269 @@
+"""The video chain D -> D_t -> ↑F: identity at init, clear errors for wrong parents, ↑F's masks, windows, training."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from lightning_mav.checkpoints import CheckpointError
+from lightning_mav.stages.decoder import DecoderStage
+from lightning_mav.stages.interpolation import (
+    InterpolationStage,
+    extrapolation_mask,
+    interpolation_mask,
+    mask_condition,
+    random_masks,
+)
+from lightning_mav.stages.superres import SuperResStage
+
+# Two levels with attention, so the temporal convolutions *and* the temporal attention are exercised.
+D_UNET = dict(dim=16, dim_mults=(1, 2), num_res_blocks=1, attn_levels=(1,), heads=2, dim_head=8, image_embed_dim=8)
+DT_UNET = {**D_UNET, "temporal": True, "fps_cond": True}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Several test processes share 2 cores: one intra-op thread each is much faster than oversubscribed threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def perturb(module: torch.nn.Module, names: str = "", scale: float = 0.05) -> None:
+    """Stand-in for training: move every parameter whose name contains ``names`` off its init.
+
+    Without it the zero-initialised output convolution makes every network output 0 and the identities trivial.
+    """
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if names in name:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def save_stage(stage: pl.LightningModule, path: Path) -> str:
+    """What a Lightning checkpoint holds for a stage (state_dict with the ``unet.`` prefix, hyperparameters)."""
+    torch.save({"state_dict": stage.state_dict(), "hyper_parameters": dict(stage.hparams)}, path)
+    return str(path)
+
+
+def inputs(b: int = 2, f: int = 4, size: int = 16) -> dict:
+    g = torch.Generator().manual_seed(2)
+    return {"video": torch.randn(b, 3, f, size, size, generator=g), "t": torch.tensor([3, 700])[:b],
+            "y_e": F.normalize(torch.randn(b, 8, generator=g), dim=-1), "fps": torch.tensor([2.0, 24.0])[:b]}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A (perturbed) D, the D_t initialised from it and then perturbed, and their checkpoints."""
+    tmp = tmp_path_factory.mktemp("chain")
+    D = DecoderStage(unet=D_UNET, image_size=16).eval()
+    perturb(D.unet)
+    d_ckpt = save_stage(D, tmp / "d.ckpt")
+    D_t = DecoderStage(unet=DT_UNET, image_size=16, init_from=d_ckpt).eval()
+    trained_D_t = DecoderStage(unet=DT_UNET, image_size=16, init_from=d_ckpt).eval()
+    perturb(trained_D_t.unet, "temporal")
+    perturb(trained_D_t.unet, "fps_")
+    return {"D": D, "d_ckpt": d_ckpt, "D_t": D_t, "trained_D_t": trained_D_t,
+            "dt_ckpt": save_stage(trained_D_t, tmp / "dt.ckpt"), "tmp": tmp}
+
+
+# ----------------------------------------------------------------------------------------------------- D -> D_t
+def test_dt_from_d_is_d_on_every_frame_with_fps_conditioning(chain: dict) -> None:
+    D, D_t, x = chain["D"], chain["D_t"], inputs()
+    report = D_t.init_report
+    assert report.ok and sorted(report.loaded) == sorted(D.unet.state_dict())
+    assert report.new and all("temporal" in n or n.startswith("fps_") for n in report.new)
+    assert any(n.startswith("fps_") for n in report.new)
+    with torch.no_grad():
+        video_out = D_t.unet(x["video"], x["t"], image_embed=x["y_e"], fps=x["fps"])
+        per_frame = torch.stack([D.unet(x["video"][:, :, i], x["t"], image_embed=x["y_e"])
+                                 for i in range(x["video"].shape[2])], dim=2)
+    assert video_out.abs().max() > 0.1  # a real output, not the zero-init's zeros
+    assert (video_out - per_frame).abs().max() <= 1e-5
+
+    # the fps path is live: once its (zero-init) last layer moves, the frame rate changes the output
+    trained = chain["trained_D_t"]
+    with torch.no_grad():
+        a = trained.unet(x["video"], x["t"], image_embed=x["y_e"], fps=x["fps"])
+        b = trained.unet(x["video"], x["t"], image_embed=x["y_e"], fps=x["fps"] * 3)
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_wrong_parent_checkpoints_are_clear_errors(chain: dict) -> None:
+    tmp = chain["tmp"]
+    sr = SuperResStage(unet={k: v for k, v in D_UNET.items() if k != "image_embed_dim"}, lowres_size=8,
+                       highres_size=16)
+    sr_ckpt = save_stage(sr, tmp / "sr.ckpt")
+    # an SR checkpoint given to D_t: different input width, no image conditioning, low-res noise embedding
+    with pytest.raises(CheckpointError, match=r"sr\.ckpt: not a parent of this network — missing .*image_embed"
+                                              r".*unexpected .*lowres_noise_embed.*shape-mismatched .*conv_in"):
+        DecoderStage(unet=DT_UNET, init_from=sr_ckpt)
+    # ↑F accepts only its extra_in as new: a D checkpoint (no temporal layers) is refused, naming them
+    with pytest.raises(CheckpointError, match=r"not a parent .* missing \d+ \[fps_embed.*only new extra"):
+        InterpolationStage(unet=DT_UNET, init_from=chain["d_ckpt"])
+    with pytest.raises(CheckpointError, match=r"checkpoint not found: .*nope\.ckpt"):
+        InterpolationStage(unet=DT_UNET, init_from=str(tmp / "nope.ckpt"))
+
+
+# ----------------------------------------------------------------------------------------------------- D_t -> ↑F
+def test_up_F_at_init_is_D_t(chain: dict) -> None:
+    D_t, x = chain["trained_D_t"], inputs(f=6)
+    up_F = InterpolationStage(unet=DT_UNET, image_size=16, init_from=chain["dt_ckpt"]).eval()
+    assert up_F.init_report.new == ["extra_in.weight"] and up_F.unet.extra_in.in_channels == 4
+    known = random_masks(2, 6, (2,), 0.0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = D_t.unet(x["video"], x["t"], image_embed=x["y_e"], fps=x["fps"])
+        fn = up_F.model_fn(x["y_e"], fps=x["fps"], frames=torch.randn_like(x["video"]), known=known)
+        got = fn(x["video"], x["t"])
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_masks_and_condition_channels() -> None:
+    assert interpolation_mask(16, 5).nonzero().flatten().tolist() == [0, 5, 10, 15]
+    assert interpolation_mask(7, 3, offset=1).nonzero().flatten().tolist() == [1, 4]
+    assert extrapolation_mask(5, 2, "forward").tolist() == [True, True, False, False, False]
+    assert extrapolation_mask(5, 2, "backward").tolist() == [False, False, False, True, True]
+
+    masks = random_masks(256, 16, (2, 5), 0.25, torch.Generator().manual_seed(0))
+    counts = masks.sum(1)
+    assert masks.shape == (256, 16) and (counts >= 1).all() and (counts <= 15).all()
+    contiguous = [m for m in masks if m[0] != m[-1] and (m.int().diff().abs().sum() == 1)]  # prefix / suffix
+    assert 30 < len(contiguous) < 100  # ~25% extrapolation (a few interpolation masks also look like that: none)
+    strided = [m for m in masks if m.sum() >= 2 and len(set(m.nonzero().flatten().diff().tolist())) == 1
+               and m.nonzero().flatten().diff()[0] in (2, 5)]
+    assert len(strided) > 150
+
+    video = torch.rand(2, 3, 4, 5, 5) * 2 - 1
+    known = torch.tensor([[True, False, False, True], [False, True, False, False]])
+    extra = mask_condition(video, known)
+    assert extra.shape == (2, 4, 4, 5, 5)
+    assert torch.equal(extra[0, :3, 0], video[0, :, 0]) and (extra[0, :3, 1] == 0).all()
+    assert torch.equal(extra[:, 3, :, 0, 0], known.float())
+
+
+def test_loss_counts_only_unknown_frames(monkeypatch: pytest.MonkeyPatch) -> None:
+    batch = {"video": torch.rand(2, 6, 3, 8, 8) * 2 - 1, "fps": torch.tensor([4.0, 8.0])}
+    for loss_on_known, low, high in ((False, 0.5, 2.0), (True, 1e4, 1e7)):
+        stage = InterpolationStage(unet={"dim": 8, "dim_mults": (1,), "num_res_blocks": 1, "attn_levels": ()},
+                                   skips=(2,), loss_on_known=loss_on_known)
+        # a network that is exactly wrong (1000) on known frames and predicts 0 elsewhere (eps objective)
+        monkeypatch.setattr(stage.unet, "forward", lambda x, t, extra=None, **kw: extra[:, 3:4].expand_as(x) * 1e3)
+        loss, _ = stage.compute_loss(batch, generator=torch.Generator().manual_seed(0))
+        assert low < loss.item() < high  # unknown only: ~E[eps^2] = 1; all frames: dominated by the 1000s
+
+
+def test_media_shows_the_known_frames_the_samples_and_the_clips() -> None:
+    stage = InterpolationStage(unet={"dim": 8, "dim_mults": (1,), "num_res_blocks": 1, "attn_levels": (),
+                                     "fps_cond": True}, skips=(2, 3), sample_steps=1, media_batch_size=2).eval()
+    video = torch.rand(3, 7, 3, 8, 8) * 2 - 1
+    stage.set_media_batch({"video": video, "fps": torch.tensor([4.0, 8.0, 12.0])})
+    media = stage.log_media()
+    assert set(media) == {"samples", "known", "reference"}
+    assert all(v.shape == (2, 3, 7, 8, 8) for v in media.values())
+    clips = video[:2].transpose(1, 2)
+    assert torch.equal(media["samples"][:, :, ::3], clips[:, :, ::3])  # every max(skips)-th frame given
+    assert (media["known"][:, :, 1] == 0).all() and torch.equal(media["reference"], clips)
+
+
+# ----------------------------------------------------------------------------------------------------- sampling
+def spy_unet(stage: InterpolationStage) -> list[dict]:
+    calls: list[dict] = []
+    stage.unet.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append({"x": args[0].clone(), "t": args[1].clone(), **kwargs}), with_kwargs=True)
+    return calls
+
+
+def test_interpolate_16_to_76_in_windows_keeping_known_frames(chain: dict) -> None:
+    up_F = InterpolationStage(unet=DT_UNET, image_size=16, num_frames=16, init_from=chain["dt_ckpt"]).eval()
+    calls = spy_unet(up_F)
+    video, y_e = torch.rand(1, 3, 16, 16, 16) * 2 - 1, inputs(1)["y_e"]
+    out = up_F.interpolate(video, 5, image_embed=y_e, fps=6.0, steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 3, 76, 16, 16)
+    assert torch.equal(out[:, :, ::5], video)  # the given frames, exactly
+    assert torch.isfinite(out).all() and (out[:, :, 1::5] != 0).any()
+    # 5 windows of 16 frames (4 known at skip 5) in one batch, conditioned on the output rate 6·5 fps
+    assert len(calls) == 2 and calls[0]["x"].shape == (5, 3, 16, 16, 16)
+    assert torch.equal(calls[0]["extra"][:, 3, :, 0, 0], interpolation_mask(16, 5).float().expand(5, 16))
+    assert torch.equal(calls[0]["fps"], torch.full((5,), 30.0))
+
+    # any length works: 7 frames at skip 3 -> 19 frames, from a full window and one shifted back to the end
+    calls.clear()
+    out = up_F.interpolate(video[:, :, :7], 3, image_embed=y_e, steps=1)
+    assert out.shape[2] == 19 and torch.equal(out[:, :, ::3], video[:, :, :7])
+    assert calls[0]["x"].shape[:3] == (2, 3, 16)
+    with pytest.raises(ValueError, match="skip 16 needs windows"):
+        up_F.interpolate(video, 16, image_embed=y_e, steps=1)
+
+
+def test_known_frames_are_written_back_into_x_t(chain: dict) -> None:
+    up_F = InterpolationStage(unet=DT_UNET, image_size=16, init_from=chain["dt_ckpt"]).eval()
+    calls = spy_unet(up_F)
+    video, y_e = torch.rand(1, 3, 6, 16, 16) * 2 - 1, inputs(1)["y_e"]
+    known, noise = interpolation_mask(6, 5), torch.randn(1, 3, 6, 16, 16)
+    out = up_F.sample(y_e, video=video, known=known, noise=noise, steps=3)
+    assert torch.equal(out[:, :, known], video[:, :, known])
+    for call in calls:  # at every step the network sees the known frames at that step's noise level
+        expected = up_F.diffusion.q_sample(video, call["t"], noise)
+        torch.testing.assert_close(call["x"][:, :, known], expected[:, :, known])
+        assert not torch.allclose(call["x"][:, :, ~known], expected[:, :, ~known])
+
+
+def test_extend_forwards_and_backwards(chain: dict) -> None:
+    up_F = InterpolationStage(unet=DT_UNET, image_size=16, num_frames=8, init_from=chain["dt_ckpt"]).eval()
+    video, y_e = torch.rand(1, 3, 5, 16, 16) * 2 - 1, inputs(1)["y_e"]
+    forward = up_F.extend(video, 7, "forward", image_embed=y_e, fps=8.0, steps=1)  # windows: 4 known + 4, then + 3
+    assert forward.shape[2] == 12 and torch.equal(forward[:, :, :5], video)
+    backward = up_F.extend(video, 7, "backward", image_embed=y_e, fps=8.0, steps=1)
+    assert backward.shape[2] == 12 and torch.equal(backward[:, :, -5:], video)
+    assert not torch.equal(forward[:, :, 5:], backward[:, :, :7])
+
+
+# ----------------------------------------------------------------------------------------------------- training
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
+    return (10 * torch.log10(4 / F.mse_loss(a, b))).item()
+
+
+def test_up_F_learns_to_interpolate_shapes_clips(shapes_root: Path) -> None:
+    """A couple of hundred steps on Moving Shapes clips (12 px, 5 frames, every 2nd known): on held-out clips the
+    in-between frames beat repeating the nearest known frame, and the known frames come back untouched."""
+    from datamodules.video import VideoDataModule
+    from pytorch_lightning.callbacks import EMAWeightAveraging
+
+    pl.seed_everything(0, verbose=False)
+    # low frame rates (2-5 fps) move the shapes far between frames: repeating a frame is then clearly wrong
+    data = VideoDataModule(root=str(shapes_root), num_frames=5, video_size=12, fps_min=2, fps_max=5, batch_size=8)
+    data.setup("fit")
+    train = list(itertools.islice(iter(data.train_dataloader()), 16))  # decoded once, reshuffled every epoch
+    val = next(iter(data.val_dataloader()))
+    assert val["valid"].all()
+    stage = InterpolationStage(unet={"dim": 24, "dim_mults": (1,), "num_res_blocks": 1, "attn_levels": (),
+                                     "mid_attn": False, "fps_cond": True},
+                               diffusion={"objective": "x0"}, image_size=12, num_frames=5, skips=(2,),
+                               extrapolation_prob=0.0, lr=5e-3)
+    # EMA (as in the experiments) smooths the last steps of a short run at a high learning rate
+    trainer = pl.Trainer(max_steps=200, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[EMAWeightAveraging(decay=0.95)])
+    trainer.fit(stage, torch.utils.data.DataLoader(train, batch_size=None, shuffle=True))
+    stage.eval()
+
+    video = rearrange(val["video"], "b f c h w -> b c f h w")  # [8, 3, 5, 12, 12]
+    known = video[:, :, ::2]
+    # one DDIM step from pure noise: the network's x0 estimate, the minimum-MSE interpolation (what PSNR rewards)
+    out = stage.interpolate(known, 2, fps=val["fps"] / 2, steps=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[:, :, ::2], known)
+    new = torch.arange(5) % 2 == 1
+    nearest = known[:, :, torch.arange(5) // 2]  # frame 2i+1 repeats frame 2i
+    model_psnr, repeat_psnr = psnr(out[:, :, new], video[:, :, new]), psnr(nearest[:, :, new], video[:, :, new])
+    # observed: 20.0 vs 19.1 dB (seeds 1, 2: 18.5 vs 17.6, 18.8 vs 17.3)
+    assert model_psnr > repeat_psnr + 0.25, (model_psnr, repeat_psnr)

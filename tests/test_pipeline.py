@@ -1,0 +1,200 @@
+"""MakeAVideoPipeline and `mav generate`: the whole chain on tiny checkpoints trained here (a few steps each)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+
+from lightning_mav.checkpoints import CheckpointError
+from lightning_mav.media import read_video
+from lightning_mav.pipeline import (
+    MakeAVideoPipeline,
+    default_checkpoint,
+    frame_shared_noise,
+    main,
+    parse_per_stage,
+    per_stage,
+    stage_name,
+)
+from lightning_mav.stages.superres import SuperResStage
+
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+    "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+UNET = {"dim": 16, "dim_mults": (1, 2), "num_res_blocks": 1, "attn_levels": (1,), "heads": 2, "dim_head": 8}
+FAST = {"sample_steps": 2, "warmup_steps": 0, "lr": 1e-3}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Several test processes share 2 cores: one intra-op thread each avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------------- pure parts
+def test_frame_shared_noise_is_one_draw_per_video() -> None:
+    noise = frame_shared_noise((2, 3, 5, 4, 4), generator=torch.Generator().manual_seed(0))
+    assert noise.shape == (2, 3, 5, 4, 4)
+    assert torch.equal(noise, noise[:, :, :1].expand_as(noise))  # every frame the same
+    assert not torch.allclose(noise[0], noise[1])  # every video its own
+    again = frame_shared_noise((2, 3, 5, 4, 4), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(noise, again)
+
+
+def test_per_stage_options_and_names() -> None:
+    assert [stage_name(n) for n in ("dt", "interp", "↑F", "sr_h", "prior", "D_t")] == ["D_t", "up_F", "up_F",
+                                                                                      "SR_h", "P", "D_t"]
+    with pytest.raises(ValueError, match="unknown stage 'SR_x'"):
+        stage_name("SR_x")
+    assert parse_per_stage("7") == 7 and parse_per_stage(None) is None
+    steps = parse_per_stage("20,dt=50,sr_h=10")
+    assert steps == {"*": 20, "D_t": 50, "SR_h": 10}
+    assert [per_stage(steps, s, 99) for s in ("P", "D_t", "SR_h")] == [20, 50, 10]
+    assert per_stage({"interp": 2.5}, "up_F", 1.0) == 2.5 and per_stage({"interp": 2.5}, "P", 1.0) == 1.0
+    assert default_checkpoint("runs", "up_F") == Path("runs/interp/checkpoints/last.ckpt")
+
+
+# ----------------------------------------------------------------------------------------------------- tiny chain
+def fit(stage: pl.LightningModule, data: pl.LightningDataModule, path: Path, steps: int = 2) -> str:
+    """A few real Lightning steps, then the checkpoint where `mav generate` looks for it."""
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(stage, datamodule=data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def runs(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """runs/<stage>/checkpoints/last.ckpt for the whole chain: CLIP, P, D -> D_t -> ↑F, SR_l -> SR_t, SR_h.
+
+    Sizes: D_t makes 8 px frames, SR_t takes them to 16 px and SR_h to 32 px.
+    """
+    from datamodules.text_image import TextImageDataModule
+    from datamodules.video import VideoDataModule
+    from lightning_mav.stages.clip import CLIPStage
+    from lightning_mav.stages.decoder import DecoderStage
+    from lightning_mav.stages.interpolation import InterpolationStage
+    from lightning_mav.stages.prior import PriorStage
+
+    pl.seed_everything(0, verbose=False)
+    root = tmp_path_factory.mktemp("runs")
+
+    def ckpt(name: str) -> Path:
+        return root / name / "checkpoints" / "last.ckpt"
+
+    def images(size: int) -> TextImageDataModule:
+        return TextImageDataModule(root=str(shapes_root), image_size=size, batch_size=4)
+
+    def videos(size: int, frames: int) -> VideoDataModule:
+        return VideoDataModule(root=str(shapes_root), num_frames=frames, video_size=size, fps_min=8, fps_max=24,
+                               batch_size=2)
+
+    clip = fit(CLIPStage("tiny", model_cfg=TINY_CLIP, warmup_steps=0), images(16), ckpt("clip"))
+    fit(PriorStage(clip, dim=32, depth=1, heads=2, dim_head=16, **FAST), images(16), ckpt("prior"))
+    d = fit(DecoderStage(unet=UNET, clip_ckpt=clip, image_size=8, **FAST), images(8), ckpt("decoder"))
+    dt = fit(DecoderStage(unet={"temporal": True, "fps_cond": True}, clip_ckpt=clip, init_from=d, image_size=8,
+                          **FAST), videos(8, 4), ckpt("dt"))
+    fit(InterpolationStage(clip_ckpt=clip, init_from=dt, image_size=8, num_frames=16, **FAST), videos(8, 16),
+        ckpt("interp"))
+    sr_l = fit(SuperResStage(unet=UNET, lowres_size=8, highres_size=16, **FAST), images(16), ckpt("sr_l"))
+    fit(SuperResStage(unet={"temporal": True}, init_from=sr_l, lowres_size=8, highres_size=16, **FAST),
+        videos(16, 4), ckpt("sr_t"))
+    fit(SuperResStage(unet=UNET, lowres_size=16, highres_size=32, **FAST), images(32), ckpt("sr_h"))
+    return root
+
+
+def load(runs: Path, **overrides: str | None) -> MakeAVideoPipeline:
+    paths = {"clip": "clip", "prior": "prior", "decoder": "dt", "interpolation": "interp", "sr_t": "sr_t",
+             "sr_h": "sr_h"}
+    kwargs = {k: str(runs / v / "checkpoints" / "last.ckpt") for k, v in paths.items()}
+    return MakeAVideoPipeline.from_checkpoints(**{**kwargs, **overrides}, device="cpu")
+
+
+def test_generate_writes_a_76_frame_mp4_and_gif(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "video" / "out.mp4"
+    written = main(["a red circle moving", "--out", str(out), "--runs", str(runs), "--steps", "2", "--seed", "3",
+                    "--fps", "6", "--no-progress"])
+    assert written == [out, out.with_suffix(".gif")]
+    assert capsys.readouterr().out.split() == [str(out), str(out.with_suffix(".gif"))]
+    frames, fps = read_video(out)
+    assert frames.shape == (76, 3, 32, 32)  # 16 frames -> ↑F 76 -> SR_t 16 px -> SR_h 32 px
+    assert fps == pytest.approx(30.0)  # D_t's 6 fps times ↑F's factor 5
+    with Image.open(out.with_suffix(".gif")) as gif:
+        assert gif.n_frames == 76 and gif.size == (32, 32)
+
+
+def test_pipeline_stages_attributes_stop_after_and_seed(runs: Path, capsys: pytest.CaptureFixture) -> None:
+    pipe = load(runs, sr_h=None)
+    assert list(pipe.stages) == ["P", "D_t", "up_F", "SR_t"] and pipe.C_x is pipe.P.clip
+    assert pipe.dtype == torch.float32  # bf16 autocast only on CUDA
+    a = pipe("a blue square", num_frames=4, steps=1, seed=1, stop_after="D_t", progress=True)
+    assert a.shape == (1, 4, 3, 8, 8) and pipe.last_fps == 6.0
+    assert a.min() >= -1 and a.max() <= 1
+    bars = capsys.readouterr().err
+    assert "P:" in bars and "D_t:" in bars and "↑F" not in bars  # one bar per stage that ran
+    b = pipe("a blue square", num_frames=4, steps=1, seed=1, stop_after="dt", progress=False)
+    assert torch.equal(a, b)  # same seed, same frames
+    c = pipe("a blue square", num_frames=4, steps=1, seed=2, stop_after="D_t", progress=False)
+    assert not torch.equal(a, c)
+    video = pipe(["a blue square", "a red circle"], num_frames=4, skip=3, steps=1, progress=False)
+    assert video.shape == (2, 10, 3, 16, 16) and pipe.last_fps == 18.0  # ↑F x3, SR_t x2, no SR_h
+
+
+def test_sr_h_starts_every_frame_from_the_same_noise(runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pipe = load(runs, interpolation=None, sr_t=None)  # D_t's 8 px frames straight into SR_h (x2)
+    calls: list[dict] = []
+    sample = SuperResStage.sample
+
+    def spy(self: SuperResStage, lowres: torch.Tensor, **kwargs):
+        calls.append({"lowres": lowres, **kwargs})
+        return sample(self, lowres, **kwargs)
+
+    monkeypatch.setattr(SuperResStage, "sample", spy)
+    frames = pipe(["a blue square", "a red circle"], num_frames=4, steps=2, seed=0, frame_batch=3, progress=False)
+    assert frames.shape == (2, 4, 3, 16, 16)
+    noise = torch.cat([c["noise"] for c in calls]).view(2, 4, 3, 16, 16)  # frames were folded as (b f)
+    lowres_noise = torch.cat([c["lowres_noise"] for c in calls]).view(2, 4, 3, 8, 8)
+    assert [c["noise"].shape[0] for c in calls] == [3, 3, 2]  # chunks of frame_batch, noise sliced along
+    for x in (noise, lowres_noise):
+        assert torch.equal(x, x[:, :1].expand_as(x))  # identical for every frame of a video ...
+        assert not torch.allclose(x[0, 0], x[1, 0])  # ... and not across videos
+    assert all(c["sampler"] == "ddim" for c in calls)  # deterministic: that noise is the only randomness
+    lowres = torch.cat([c["lowres"] for c in calls]).view(2, 4, 3, 8, 8)
+    assert not torch.equal(lowres[:, 0], lowres[:, 1])  # the frames themselves differ
+
+
+def test_wrong_or_missing_checkpoints_are_one_line_errors(runs: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    sr_h = str(runs / "sr_h" / "checkpoints" / "last.ckpt")
+    with pytest.raises(CheckpointError, match=r"sr_h/checkpoints/last.ckpt: not a D_t checkpoint"):
+        load(runs, decoder=sr_h)
+    with pytest.raises(CheckpointError, match=r"a D \(image decoder\) checkpoint, not D_t.*experiments/dt.yaml"):
+        load(runs, decoder=str(runs / "decoder" / "checkpoints" / "last.ckpt"))
+    with pytest.raises(CheckpointError, match=r"an ↑F checkpoint .*, not D_t"):
+        load(runs, decoder=str(runs / "interp" / "checkpoints" / "last.ckpt"))
+    with pytest.raises(CheckpointError, match=r"not SR_t: it has no temporal layers.*experiments/sr_t.yaml"):
+        load(runs, sr_t=str(runs / "sr_l" / "checkpoints" / "last.ckpt"))
+
+    with pytest.raises(SystemExit):
+        main(["a red circle moving", "--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "x.mp4")])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{tmp_path / 'empty' / 'clip' / 'checkpoints' / 'last.ckpt'}" in err
+    assert "`lightning fit --config experiments/clip.yaml`" in err
+
+    with pytest.raises(SystemExit):
+        main(["a red circle", "--runs", str(runs), "--interp", str(tmp_path / "nope.ckpt")])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nope.ckpt" in err and "experiments/interp.yaml" in err
+    assert "--interp none" in err
