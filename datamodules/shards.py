@@ -420,7 +420,10 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer, self.max_empty_shards, self.opener = shuffle_buffer, max_empty_shards, opener
         self.counter = SkipCounter()
         self.epoch = 0  # advanced by ShardLoader in the main process before workers start
-        self._iterations = 0  # advanced in whichever process iterates (persistent workers never see `epoch`)
+        # Persistent workers keep the copy of the stream made at their start and never see `epoch` advance: they
+        # count their own iterations since the epoch they last saw (see `_logical_epoch`).
+        self._epoch_seen: int | None = None
+        self._iterations_since = 0
         self.plan: EvalPlan | None = None
         if not train:
             slots = world_size * self.num_workers
@@ -435,11 +438,19 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         slot = Slot.current(self.rank, self.world_size)
-        self._iterations += 1
-        return self._train_batches(slot) if self.train else self._eval_batches(slot)
+        return self._train_batches(slot, self._logical_epoch()) if self.train else self._eval_batches(slot)
 
-    def _train_batches(self, slot: Slot) -> Iterator[dict[str, Any]]:
-        rng = random.Random(mix_seed(self.seed, slot.rank, slot.worker, self.epoch, self._iterations))
+    def _logical_epoch(self) -> int:
+        """The loader's epoch count, wherever this copy of the stream runs: the main process (``num_workers=0``)
+        and fresh workers see ``epoch`` itself; a persistent worker adds the iterations it ran since its start.
+        A resumed run sets ``epoch`` and gets the same number, hence the same shards, shuffles and crops."""
+        if self.epoch != self._epoch_seen:
+            self._epoch_seen, self._iterations_since = self.epoch, 0
+        self._iterations_since += 1
+        return self.epoch + self._iterations_since - 1
+
+    def _train_batches(self, slot: Slot, epoch: int) -> Iterator[dict[str, Any]]:
+        rng = random.Random(mix_seed(self.seed, slot.rank, slot.worker, epoch))
         urls = split_by_node(resampled(self.urls, rng), slot)
         samples = read_samples(urls, self.counter, max_empty_shards=self.max_empty_shards, opener=self.opener)
         samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=rng)(samples)
@@ -499,11 +510,21 @@ class ShardLoader(wds.WebLoader):
         super().__init__(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                          persistent_workers=persistent_workers and num_workers > 0, **extra)
         self.stream = dataset
+        self._skip = 0
+
+    def resume(self, epoch: int, batches: int) -> None:
+        """Continue where a checkpoint left off: the next iteration is epoch ``epoch`` (this loader's count, as in
+        ``stream.epoch``) without its first ``batches`` batches. Those are still drawn and dropped (the stream's
+        random choices run in sequence), so the batches that follow are exactly the uninterrupted run's."""
+        self.stream.epoch = epoch - 1  # __iter__ advances it
+        self._skip = batches
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # A generator, so the epoch advances when iteration starts, not when Lightning merely probes iter().
         self.stream.epoch += 1
-        yield from super().__iter__()
+        skip, self._skip = self._skip, 0
+        batches = super().__iter__()  # with_epoch's islice counts the skipped batches: the epoch ends on time
+        yield from islice(batches, skip, None) if skip else batches
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -537,6 +558,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.shapes_kwargs = dict(shapes_kwargs or {})
         self.streams: dict[str, ShardStream] = {}
         self.rank, self.world_size = 0, 1
+        self._resume: dict[str, int] | None = None
 
     # -- subclass hooks
     def make_codec(self, train: bool) -> SampleCodec:
@@ -598,7 +620,27 @@ class ShardDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> ShardLoader:
         """Infinite resampled stream cut into epochs of ``batches_per_epoch`` batches per rank."""
-        return self._loader("train").with_epoch(self.batches_per_epoch)
+        loader = self._loader("train")
+        if self._resume:
+            loader.resume(self._resume["train_epoch"], self._resume["train_batches"])
+            self._resume = None
+        return loader.with_epoch(self.batches_per_epoch)
+
+    # -- resume: Lightning stores this in every checkpoint and hands it back before train_dataloader()
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position: the loader's epoch and how many of its batches were trained on.
+
+        The count is Lightning's (``processed`` batches of the epoch), not the loader's: Lightning fetches one
+        batch ahead, so the loader has always handed out one more than was trained on when a checkpoint is saved.
+        """
+        stream, trainer = self.streams.get("train"), self.trainer
+        if stream is None or trainer is None or trainer.state.fn != "fit":
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"train_epoch": int(stream.epoch), "train_batches": int(done)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = dict(state_dict) if state_dict else None
 
     def val_dataloader(self) -> ShardLoader | list:
         """Finite: every sample once across ranks x workers, equal batch counts per rank (see ``valid``);

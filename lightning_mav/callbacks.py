@@ -1,17 +1,23 @@
-"""Callbacks that are ours: sample media, gradient norm, data skip counts and a batch-size function for
-Lightning's ``ThroughputMonitor``. Everything else (checkpointing, EMA, LR, throughput) is Lightning's own."""
+"""Callbacks that are ours: sample media, gradient norm, data skip counts, a batch-size function for Lightning's
+``ThroughputMonitor``, and two fault-handling pieces: ``ExceptionCheckpoint`` (a checkpoint when a run dies, without
+Lightning's implicit resume) and ``AtomicCheckpointIO`` (checkpoint files that a kill can never leave half-written).
+Everything else (periodic checkpoints, EMA, LR, throughput) is Lightning's own."""
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torchvision
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, EMAWeightAveraging
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.trainer.states import TrainerFn, TrainerStatus
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
 from lightning_mav import media
 
@@ -29,6 +35,19 @@ def frames_per_batch(batch: dict[str, Any]) -> int:
     if "video" in batch:
         return int(batch["video"].shape[0] * batch["video"].shape[1])
     return batch_size(batch)
+
+
+def run_dir(trainer: pl.Trainer) -> Path:
+    """The run folder (``runs/<stage>``): the first logger's ``log_dir``, else ``default_root_dir``.
+
+    Not ``trainer.log_dir``: that broadcasts from rank 0, a collective, which deadlocks DDP when called from code
+    that runs on rank 0 only (media logging).
+    """
+    for lg in trainer.loggers:
+        log_dir = getattr(lg, "log_dir", None)
+        if log_dir:
+            return Path(log_dir)
+    return Path(trainer.default_root_dir)
 
 
 class MediaLogger(Callback):
@@ -88,7 +107,8 @@ class MediaLogger(Callback):
         if not items:  # nothing to sample from yet (no validation batch seen): try again at the next chance
             return
         self._last_step = trainer.global_step
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "media"
+        # fast_dev_run has no run folder (Lightning swaps the logger out): sample, but leave no files in the cwd
+        out = None if trainer.fast_dev_run else run_dir(trainer) / "media"
         writer = next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         step = trainer.global_step
         for name, x in items.items():
@@ -96,14 +116,16 @@ class MediaLogger(Callback):
             if x.ndim == 4:  # images [N,3,H,W]
                 if writer is not None:
                     writer.add_images(f"samples/{name}", (x.clamp(-1, 1) + 1) / 2, step)
-                grid = torchvision.utils.make_grid(x, nrow=8, padding=1, pad_value=-1)
-                media.save_png(grid, out / f"{name}_step{step:07d}.png")
+                if out is not None:
+                    grid = torchvision.utils.make_grid(x, nrow=8, padding=1, pad_value=-1)
+                    media.save_png(grid, out / f"{name}_step{step:07d}.png")
             else:  # videos [N,3,F,H,W]
                 if writer is not None:
                     writer.add_video(f"samples/{name}", (x.permute(0, 2, 1, 3, 4).clamp(-1, 1) + 1) / 2, step,
                                      fps=self.fps)
-                media.save_png(media.contact_sheet(x), out / f"{name}_step{step:07d}.png")
-                media.write_mp4(x[0].permute(1, 0, 2, 3), out / f"{name}_step{step:07d}.mp4", fps=self.fps)
+                if out is not None:
+                    media.save_png(media.contact_sheet(x), out / f"{name}_step{step:07d}.png")
+                    media.write_mp4(x[0].permute(1, 0, 2, 3), out / f"{name}_step{step:07d}.mp4", fps=self.fps)
         if writer is not None:
             writer.flush()
 
@@ -119,8 +141,13 @@ class GradNormLogger(Callback):
 
 
 class SkipCountLogger(Callback):
-    """Logs how many samples the data pipeline skipped, per reason, as ``data/skipped/<reason>`` (totals over
-    all workers of this rank; corrupt samples never stop training, but they must never go unseen either)."""
+    """Logs how many samples the data pipeline skipped, per reason, as ``data/skipped/<reason>``: totals over all
+    workers and all ranks (corrupt samples never stop training, but they must never go unseen either).
+
+    Each rank meets its own corrupt samples, so ranks hold different reasons: the totals are gathered as one object
+    at logging steps (every ``log_every_n_steps``) and rank 0 logs the sums. A per-reason ``sync_dist`` instead would
+    issue different collectives on different ranks and hang DDP.
+    """
 
     def __init__(self) -> None:
         from datamodules.shards import SkipTally
@@ -130,7 +157,116 @@ class SkipCountLogger(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         totals = self.tally.update(batch)
-        for reason, count in totals.items():
-            # per-rank totals, summed over ranks; `repaired_*` reasons count samples that were kept
-            pl_module.log(f"data/skipped/{reason}", float(count), on_step=True, on_epoch=False, reduce_fx="sum",
-                          sync_dist=True)
+        if not trainer._logger_connector.should_update_logs:  # the same decision on every rank
+            return
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            every: list[dict[str, int] | None] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(every, totals)
+            totals = {}
+            for rank_totals in every:
+                for reason, count in (rank_totals or {}).items():
+                    totals[reason] = totals.get(reason, 0) + count
+        for reason, count in sorted(totals.items()):  # `repaired_*` reasons count samples that were kept
+            pl_module.log(f"data/skipped/{reason}", float(count), on_step=True, on_epoch=False, rank_zero_only=True)
+
+
+class ExceptionCheckpoint(Callback):
+    """Saves ``<dirpath>/<filename>.ckpt`` when a run dies on an exception (Ctrl-C, a non-finite loss with
+    ``nonfinite: stop``, out of memory, ...): the state at that moment, for a post-mortem or an explicit
+    ``--ckpt_path runs/<stage>/checkpoints/on_exception.ckpt``. It is removed after the next successful ``fit``.
+
+    It never writes ``last.ckpt``: that stays the last periodic checkpoint, known good, which ``--ckpt_path last``
+    resumes. And unlike Lightning's ``OnExceptionCheckpoint``, being configured does not make every ``fit`` resume:
+    Lightning 2.x turns ``ckpt_path=None`` into ``"last"`` (the newest of on_exception.ckpt and last.ckpt) whenever an
+    ``OnExceptionCheckpoint`` is present, so a fresh run of a stage would silently continue its old run (and stop at
+    once, its ``max_steps`` reached), or load a crashed run's state into a changed architecture.
+
+    Args:
+        dirpath: folder of the file; ``"auto"``: beside the run's other checkpoints (``runs/<stage>/checkpoints``).
+        filename: file name without ``.ckpt``; anything but ``last``.
+    """
+
+    FILE_EXTENSION = ".ckpt"
+
+    def __init__(self, dirpath: str = "auto", filename: str = "on_exception") -> None:
+        if not filename or filename == "last":
+            raise ValueError(f"ExceptionCheckpoint: filename {filename!r} would replace a periodic checkpoint")
+        self.dirpath, self.filename = dirpath, filename
+
+    def ckpt_path(self, trainer: pl.Trainer) -> str:
+        dirpath = self.dirpath
+        if dirpath == "auto":
+            dirpath = getattr(trainer.checkpoint_callback, "dirpath", None) or \
+                os.path.join(run_dir(trainer), "checkpoints")
+        return os.path.join(dirpath, self.filename + self.FILE_EXTENSION)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        path = self.ckpt_path(trainer)
+        trainer.save_checkpoint(path)
+        rank_zero_info(f"{type(exception).__name__}: saved the state at step {trainer.global_step} to {path}")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning calls teardown only when the run ends without an exception: an older crash's file is stale now
+        # (a fast_dev_run smoke test leaves the real run's files alone)
+        if stage == TrainerFn.FITTING and trainer.state.status != TrainerStatus.INTERRUPTED \
+                and not trainer.fast_dev_run:
+            trainer.strategy.remove_checkpoint(self.ckpt_path(trainer))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO``, writing local checkpoints so that a kill at any moment leaves the previous
+    file or the new one, never a torn one: the bytes go to a temporary file *in the target's folder*, are flushed to
+    disk (fsync), and the file is renamed over the target (``os.replace``, atomic within a filesystem).
+
+    Lightning's own save goes through an fsspec transaction whose temporary file lives in ``$TMPDIR``: where that is
+    another filesystem than the run folder (tmpfs, a node-local /tmp under a network-mounted ``runs/``), the final
+    step is a copy onto ``last.ckpt``, and a kill during the copy truncates it. Remote URLs (``s3://`` ...) keep
+    Lightning's path. Temporary files left by a killed writer are removed by the next save of the same file.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        import fsspec
+        from fsspec.implementations.local import LocalFileSystem
+
+        fs, local = fsspec.core.url_to_fs(str(path))
+        if storage_options is not None or not isinstance(fs, LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+        target = Path(local)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "xb") as f:  # "x": a fresh file with the usual (umask) permissions
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)  # the rename itself survives a power cut
+        _remove_stale_temporaries(target)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Temporary files of ``target`` whose writer process is gone (killed mid-save)."""
+    for tmp in target.parent.glob(f".{target.name}.*.tmp"):
+        try:
+            pid = int(tmp.name[len(target.name) + 2:].split(".")[0])
+            os.kill(pid, 0)  # raises if no such process: the writer died
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, PermissionError, OSError):
+            continue  # not ours, or a live process of another user

@@ -4,14 +4,20 @@ Trainer commands (``fit / validate / test / predict --config …``) are Lightnin
 are picked by import path in the YAML (``class_path``), ``experiments/base.yaml`` supplies the defaults, OmegaConf
 ``${…}`` interpolation works, ``--print_config`` prints the merged config and the run folder gets ``config.yaml``.
 ``mav`` also carries the commands that are not training: ``generate``, ``demo``, ``data``, ``evaluate``.
+
+A bad config (unknown key, wrong type, ``???`` left unset, a checkpoint path that does not exist, a constructor that
+refuses its arguments) stops before anything trains with one line, ``error: <key>: <reason>``; set
+``MAV_TRACEBACK=1`` to see the traceback of a constructor's error instead. A fresh ``fit`` starts from scratch;
+``--ckpt_path last`` resumes ``runs/<stage>/checkpoints/last.ckpt`` (see ``callbacks.ExceptionCheckpoint``).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
@@ -22,6 +28,11 @@ TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
 def one_line(message: str) -> str:
     """Reduce jsonargparse's nested, multi-line errors to ``full.key: reason`` on one line."""
+    unknown = re.search(r"does not accept option '([^']+)'|unrecognized arguments: --?([^\s=]+)", message)
+    if unknown:  # a key no parser knows (in a YAML / on the command line): "trainer.max_stepz: unknown key"
+        return f"{unknown.group(1) or unknown.group(2)}: unknown key"
+    message = re.sub(r"<class '([\w.]+)'>", r"\1", message)  # "<class 'int'>" -> "int"
+    message = re.sub(r"Expected a (\S+?)\. Got value: ", r"expected \1, got ", message)
     keys = re.findall(r'Parser key "([^"]+)"', message)
     nested = "class_path '" in message  # keys below a class_path live under init_args
     key = ".".join([keys[0]] + [f"init_args.{k}" if nested else k for k in keys[1:]]) if keys else ""
@@ -36,6 +47,61 @@ def one_line(message: str) -> str:
     details = [ln for ln in lines if ln and not any(g in ln for g in generic)]
     reason = details[0] if details else "invalid value"
     return f"{key}: {reason}" if key else reason
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    raise SystemExit(2)
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted.key, value)`` of every leaf of a parsed config (jsonargparse Namespaces, dicts, lists)."""
+    items = vars(node).items() if hasattr(node, "__dict__") and not isinstance(node, type) else \
+        node.items() if isinstance(node, dict) else None
+    if items is None:
+        if isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                yield from _leaves(v, f"{prefix}[{i}]")
+        else:
+            yield prefix, node
+        return
+    for k, v in items:
+        if not str(k).startswith("__"):
+            yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+
+
+def _missing_values(cfg: Any) -> Iterator[str]:
+    """Keys still holding OmegaConf's mandatory-value marker ``???``."""
+    return (key for key, value in _leaves(cfg) if value == "???")
+
+
+def config_error(error: BaseException, cfg: Any) -> str:
+    """``key: reason`` for an error raised while building the classes of ``cfg`` (one line).
+
+    The reason is the innermost error (jsonargparse wraps a constructor's exception in a list of Union attempts);
+    the key is the config entry the error talks about: an unknown keyword names a dict key, otherwise a value
+    (a path...) quoted in the message names its key; else the section (``model``/``data``/``trainer``).
+    """
+    root, seen = error, set()
+    while (root.__cause__ or root.__context__) is not None and id(root) not in seen:
+        seen.add(id(root))
+        root = root.__cause__ or root.__context__
+    reason = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+    parent = re.search(r"not found: \S*?runs/(\w+)/checkpoints/\S+", reason)
+    if parent and "` first" not in reason:  # a chain parent (e.g. the CLIP) that was never trained
+        reason += f" — run `lightning fit --config experiments/{parent.group(1)}.yaml` first"
+    leaves = [(k, v) for k, v in _leaves(cfg) if not k.startswith("config")]
+    unknown = re.search(r"unexpected keyword argument '([^']+)'", reason)
+    if unknown:
+        for key, _ in leaves:
+            if key.rsplit(".", 1)[-1] == unknown.group(1):
+                return f"{key}: unknown key ({reason})"
+    quoted = [(k, v) for k, v in leaves if isinstance(v, str) and len(v) >= 3 and v in reason]
+    if quoted:
+        key = max(quoted, key=lambda kv: len(kv[1]))[0]  # the most specific value mentioned
+        return f"{key}: {reason}"
+    section = next((s for s in ("model", "data", "trainer") if f"'{s}'" in str(error) or s in str(error)[:200]), "")
+    return f"{section}: {reason}" if section else reason
 
 
 class _Parser(LightningArgumentParser):
@@ -70,20 +136,37 @@ class MAVCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        # Runs land in runs/<stage>/ where <stage> is the last --config file's name (dt.yaml -> runs/dt), so the
-        # chain's `init_from: runs/<parent>/checkpoints/last.ckpt` paths hold without repeating a logger per YAML.
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        missing = list(_missing_values(cfg))
+        if missing:  # OmegaConf leaves `???` as a string: refuse it before anything is built
+            _fail(f"{', '.join(missing)}: missing required value{'s' if len(missing) > 1 else ''} (`???` in the "
+                  f"config; set {'them' if len(missing) > 1 else 'it'} in a YAML or with "
+                  + " ".join(f"--{k} …" for k in missing) + ")")
+        trainer_cfg = cfg.get("trainer") or {}
+        if trainer_cfg.get("fast_dev_run"):
+            # Lightning 2.6's ModelCheckpoint still writes last.ckpt at the end of a fast_dev_run, into
+            # ./checkpoints (no logger, no run folder): a smoke test must leave no checkpoint behind.
+            trainer_cfg["callbacks"] = [cb for cb in trainer_cfg.get("callbacks") or []
+                                        if not str(cb.get("class_path", "")).endswith(".ModelCheckpoint")]
+            trainer_cfg["enable_checkpointing"] = False
+        # Runs land in runs/<stage>/ where <stage> is the first --config file's name (dt.yaml -> runs/dt; overlays
+        # given after it, like paper/dt.yaml or my.yaml, keep the stage's folder), so the chain's `init_from: runs/<parent>/checkpoints/last.ckpt` paths hold without repeating a logger per YAML.
         logger = cfg.get("trainer", {}).get("logger")
         configs = [str(c) for c in (cfg.get("config") or []) if c is not None]
         if logger and not isinstance(logger, bool) and "init_args" in logger and configs:
             if logger["init_args"].get("name") in (None, "", "default"):
-                logger["init_args"]["name"] = Path(configs[-1]).stem
-            run_dir = Path(logger["init_args"].get("save_dir") or ".") / logger["init_args"]["name"]
-            for cb in cfg.get("trainer", {}).get("callbacks") or []:
-                # OnExceptionCheckpoint needs a folder; `auto` puts it beside the stage's other checkpoints.
-                if str(cb.get("class_path", "")).endswith("OnExceptionCheckpoint") and \
-                        cb.get("init_args", {}).get("dirpath") == "auto":
-                    cb["init_args"]["dirpath"] = str(run_dir / "checkpoints")
+                logger["init_args"]["name"] = Path(configs[0]).stem
+
+    def instantiate_classes(self) -> None:
+        # A model/data/trainer constructor that refuses its arguments (a checkpoint path that does not exist, an
+        # unknown U-Net option) is a config error too: one line naming the key, before any training starts.
+        try:
+            super().instantiate_classes()
+        except Exception as e:
+            if os.environ.get("MAV_TRACEBACK"):
+                raise
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            _fail(config_error(e, cfg))
 
 
 def _command(name: str):  # imported lazily: `mav fit` must not pay for the pipeline's imports

@@ -13,16 +13,23 @@ frame axis. The public ``forward`` of each layer also accepts ``[B, C, F, H, W]`
 unfolded on exit) and ``[B, C, H, W]`` images (temporal part skipped). The code works for both the contiguous
 (NCHW) and the ``channels_last`` memory format and keeps the format it is given.
 
-Temporal convolution: why the shift-add / time-im2col implementation
---------------------------------------------------------------------
+Temporal convolution: why one GEMM to the taps, then a shift-add
+-----------------------------------------------------------------
 Measured fwd+bwd on a ``[1,128,16,32,32]`` video, CPU fp32, 1 thread, CPU time (min of 15; the 2-core machine
 was shared so wall time was too noisy): ``Conv3d`` with a ``(3,1,1)`` kernel on native ``[B,C,F,H,W]`` 100 ms,
 the same Conv3d reached from the folded layout (2 copies) 105-107 ms, ``Conv1d`` after
 ``rearrange((b f) c h w -> (b h w) c f)`` 132-138 ms (NCHW) / 99-101 ms (channels_last), one GEMM to ``3C``
 on the channels_last token view then shifting the three taps along frames 80 ms, time-im2col (concatenate the
 frames ``f-1, f, f+1`` on channels, one 1x1 conv) 88 ms in NCHW. Conv3d beats Conv1d-after-rearrange, and the
-two GEMM forms beat both without leaving the folded layout, so ``TemporalConv`` uses the GEMM-to-taps form for
-channels_last inputs and time-im2col for NCHW inputs. Script: see the session report (``conv_layout*.py``).
+two GEMM forms beat both without leaving the folded layout. Script: see the session report (``conv_layout*.py``).
+
+Between the two GEMM forms, memory decides: time-im2col keeps its ``3C``-channel input for the weight gradient
+(three activation copies per temporal conv), the taps form keeps only ``x``. With the shift-add written as one
+autograd function (``_ShiftAddTaps``: its backward writes the taps' gradient in one buffer, instead of three
+zero-filled slice gradients), the taps form is also faster: D_t training step (dim 64, mults 1-2-4-8, 8x64x64,
+1 thread, median CPU time) 14.0 s -> 12.8 s and step peak memory 1.80 -> 1.48 GiB
+(``python -m benchmarks.train_step --ablations``, see ``benchmarks/RESULTS.md``). So ``TemporalConv`` computes
+the taps with one GEMM (a 1x1 conv in NCHW, a linear layer on the token view in channels_last) in both formats.
 
 Padding: zero 'same' padding. Both zero and replicate padding give the exact identity at init (the off-centre
 taps are exactly zero, so whatever is padded is multiplied by 0); zero padding is what both GEMM forms get for
@@ -99,25 +106,64 @@ class TemporalConv(nn.Conv1d):
         """``x [(B F), C, H, W] -> [(B F), C, H, W]``, mixing each pixel's ``F`` frames; memory format kept."""
         n, c, h, w = x.shape
         b, f, k = n // num_frames, num_frames, self.kernel_size[0]
-        centre = k // 2
+        # tap-major weight [k*C_out, C_in]: row j*C + o is output channel o of tap j
+        weight = self.weight.permute(2, 0, 1).reshape(k * c, c)
         if is_channels_last(x):
-            # GEMM to the k taps on the [B, F, H*W, C] token view (a free view), then shift the taps along F
-            tokens = x.permute(0, 2, 3, 1).reshape(b, f, h * w, c)
-            taps = F.linear(tokens, self.weight.permute(2, 0, 1).reshape(k * c, c)).view(b, f, h * w, k, c)
-            out = taps[..., centre, :] + self.bias
-            for j in range(k):
-                o = j - centre  # tap j reads frame f + o
-                if j == centre or abs(o) >= f:
-                    continue
-                if o < 0:
-                    out = out + F.pad(taps[:, : f + o, :, j], (0, 0, 0, 0, -o, 0))
-                else:
-                    out = out + F.pad(taps[:, o:, :, j], (0, 0, 0, 0, 0, o))
+            # one GEMM to the k taps on the [B, F, H*W, C] token view (a free view)
+            taps = F.linear(x.permute(0, 2, 3, 1).reshape(b, f, h * w, c), weight).view(b, f, h * w, k, c)
+            out = _ShiftAddTaps.apply(taps, self.bias.to(taps.dtype), 3)  # [B, F, H*W, C]
             return out.view(n, h, w, c).permute(0, 3, 1, 2)
-        # NCHW: time-im2col, i.e. stack frames f-centre..f+centre on channels and run one 1x1 conv
-        v = F.pad(x.view(b, f, c, h, w), (0, 0, 0, 0, 0, 0, centre, centre))
-        cols = torch.cat([v[:, j : j + f] for j in range(k)], dim=2).view(n, k * c, h, w)
-        return F.conv2d(cols, self.weight.transpose(1, 2).reshape(c, k * c, 1, 1), self.bias)
+        # NCHW: one 1x1 conv to the k taps, [(B F), k*C, H, W] = [B, F, k, C, H, W]
+        taps = F.conv2d(x, weight[:, :, None, None]).view(b, f, k, c, h, w)
+        out = _ShiftAddTaps.apply(taps, self.bias.to(taps.dtype).view(c, 1, 1), 2)  # [B, F, C, H, W]
+        return out.view(n, c, h, w)
+
+
+class _ShiftAddTaps(torch.autograd.Function):
+    """``out[:, f] = bias + sum_j taps[:, f + j - k//2, tap j]`` (zero 'same' padding: missing frames add nothing).
+
+    ``taps`` has frames on dim 1 and the ``k`` taps on dim ``tap_dim``; ``out`` is ``taps`` without the tap dim and
+    ``bias`` broadcasts to it. Written by hand because autograd's version of the shifted slice-adds allocates a
+    zero-filled gradient of the whole ``taps`` tensor per slice; this backward fills one buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, taps: Tensor, bias: Tensor, tap_dim: int) -> Tensor:  # type: ignore[override]
+        k, f = taps.shape[tap_dim], taps.shape[1]
+        centre = k // 2
+        out = taps.select(tap_dim, centre) + bias
+        for j in range(k):
+            o = j - centre  # tap j of frame f reads frame f + o
+            if o == 0 or abs(o) >= f:
+                continue
+            src = taps.select(tap_dim, j)
+            if o < 0:
+                out[:, -o:] += src[:, : f + o]
+            else:
+                out[:, : f - o] += src[:, o:]
+        ctx.tap_dim, ctx.k, ctx.bias_shape = tap_dim, k, bias.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        tap_dim, k, f = ctx.tap_dim, ctx.k, grad.shape[1]
+        centre = k // 2
+        shape = list(grad.shape)
+        shape.insert(tap_dim, k)
+        grad_taps = grad.new_empty(shape)
+        for j in range(k):
+            o, dst = j - centre, grad_taps.select(tap_dim, j)
+            if o == 0:
+                dst.copy_(grad)
+            elif abs(o) >= f:
+                dst.zero_()
+            elif o < 0:  # frame f' = f + o fed out[f]: its gradient is grad[f' - o]; the last -o frames fed nothing
+                dst[:, : f + o].copy_(grad[:, -o:])
+                dst[:, f + o:].zero_()
+            else:
+                dst[:, o:].copy_(grad[:, : f - o])
+                dst[:, :o].zero_()
+        return grad_taps, grad.sum_to_size(ctx.bias_shape), None
 
 
 class Conv_P3D(nn.Module):  # noqa: N801 - the paper's name

@@ -11,6 +11,19 @@ checkpoints on the same noise and timesteps instead of on sampling luck.
 Frozen CLIP (P and D stages): ``load_clip(clip_ckpt)`` sets ``self.clip``; its tensors never enter this stage's
 checkpoints (see ``on_save_checkpoint`` / ``on_load_checkpoint``) nor its optimizer (``requires_grad=False``).
 
+Training randomness (noise, timesteps, dropped conditioning, crops) is reseeded at every batch from
+``(seed_everything's seed, rank, global step, batch index)``: a run resumed from a checkpoint draws exactly the noise
+the uninterrupted run would have drawn (nothing consumed by validation, media sampling or data loading between two
+steps shifts it), and DDP ranks draw different noise. Without a global seed (``seed_everything: null``) training
+keeps fresh randomness.
+
+Non-finite losses: ``nonfinite="stop"`` (default) raises :class:`NonFiniteLossError` naming the step before
+anything is back-propagated, so the model, its optimizer and the last checkpoint stay as they were;
+``nonfinite="skip"`` returns None from ``training_step`` (Lightning then runs no backward and the optimizer has no
+gradients to apply) and counts the skipped steps in ``train/nonfinite_skipped``. Under DDP the decision is taken
+jointly (one rank's NaN reaches every rank through the gradient all-reduce anyway), so all ranks stop or skip
+together instead of deadlocking.
+
 Media: the first validation batch (its first ``media_batch_size`` items) is kept on the CPU; the lead's media callback
 calls :meth:`StageBase.log_media` under ``no_grad``/eval (and EMA weights when enabled), and the stage samples from
 that fixed conditioning with a fixed seed, so successive images show the training progress and nothing else.
@@ -18,14 +31,28 @@ that fixed conditioning with a fixed seed, so successive images show the trainin
 from __future__ import annotations
 
 import fnmatch
-from typing import Any
+import os
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_mav.checkpoints import NEW_TEMPORAL, KeyReport, init_from, load_checkpoint
+
+NonFinite = Literal["stop", "skip"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss was NaN or infinite (``nonfinite="stop"``)."""
+
+
+def step_seed(*parts: int | str) -> int:
+    """A 63-bit seed from ints/strings, the same in every process (``hash()`` of a str is salted per process)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
 
 
 def _head(batch: Any, n: int) -> Any:
@@ -58,6 +85,9 @@ class StageBase(pl.LightningModule):
         warmup_steps: linear warm-up from ``lr / warmup_steps`` to ``lr``, stepped every optimizer step.
         media_batch_size: how many validation items the media hook keeps and samples from.
         media_seed: seed of the media samples (same noise every time).
+        nonfinite: what a NaN/Inf training loss does: ``"stop"`` raises :class:`NonFiniteLossError` (naming the
+            step; the last checkpoint is left intact), ``"skip"`` skips that optimizer step and counts it in
+            ``train/nonfinite_skipped``.
     """
 
     #: glob patterns (network-relative names) of the tensors a child stage adds to its parent's network:
@@ -72,10 +102,15 @@ class StageBase(pl.LightningModule):
         warmup_steps: int = 0,
         media_batch_size: int = 4,
         media_seed: int = 0,
+        nonfinite: NonFinite = "stop",
     ) -> None:
         super().__init__()
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
         self.media_batch_size, self.media_seed = media_batch_size, media_seed
+        self.nonfinite: NonFinite = nonfinite
+        self.nonfinite_skipped = 0  # optimizer steps skipped for a non-finite loss (kept in checkpoints)
         self.clip: nn.Module | None = None
         self.init_report: KeyReport | None = None
         self._media_batch: Any = None
@@ -90,10 +125,44 @@ class StageBase(pl.LightningModule):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ steps and logging
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Reseed the global RNG (CPU and CUDA) per batch so the training noise is a function of the step, not of
+        # everything drawn before it: what makes a resumed run continue the uninterrupted one exactly.
+        seed = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything (LightningCLI's `seed_everything`)
+        if seed is not None:
+            torch.manual_seed(step_seed(int(seed), self.global_rank, self.global_step, batch_idx))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         loss, batch_size = self.compute_loss(batch)
+        if not self._all_finite(loss):
+            return self._nonfinite_step(loss, batch_idx)
         self.log_loss("train", loss, batch_size)
+        if self.nonfinite == "skip":
+            self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True, on_epoch=False)
         return loss
+
+    def _all_finite(self, loss: Tensor) -> bool:
+        """Whether the loss is finite on every rank (one tiny all-reduce per step under DDP)."""
+        bad = (~torch.isfinite(loss.detach())).any().float()
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            bad = trainer.strategy.reduce(bad, reduce_op="sum")
+        return not bool(bad.item())
+
+    def _nonfinite_step(self, loss: Tensor, batch_idx: int) -> None:
+        where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+        if self.nonfinite == "skip":
+            self.nonfinite_skipped += 1
+            rank_zero_warn(f"non-finite train/loss ({loss.detach().float().item()}) at {where}: optimizer step skipped "
+                           f"({self.nonfinite_skipped} so far)")
+            self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True, on_epoch=False)
+            return None  # Lightning: no backward, no gradients for the optimizer to apply
+        last = getattr(self._trainer.checkpoint_callback, "last_model_path", "") if self._trainer else ""
+        raise NonFiniteLossError(
+            f"non-finite train/loss ({loss.detach().float().item()}) at {where}: training stopped before the update; "
+            f"the last good checkpoint is untouched{f' ({last})' if last else ''}. A resume (--ckpt_path last) "
+            f"replays the same data and noise, so change something: a lower lr, or model.init_args.nonfinite: skip "
+            f"to skip such steps")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         generator = torch.Generator().manual_seed(batch_idx)
@@ -183,11 +252,13 @@ class StageBase(pl.LightningModule):
     _CKPT_STATES = ("state_dict", "current_model_state")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
         for key in self._CKPT_STATES:
             if isinstance(checkpoint.get(key), dict):
                 checkpoint[key] = {k: v for k, v in checkpoint[key].items() if not k.startswith("clip.")}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
         if self.clip is None:
             return
         clip_state = {f"clip.{k}": v for k, v in self.clip.state_dict().items()}

@@ -10,7 +10,7 @@ fine-tune from, ``pretrained=``) trains the same way. The resulting ``.ckpt`` is
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from open_clip import ClipLoss
@@ -45,9 +45,10 @@ class CLIPStage(StageBase):
         warmup_steps: int = 100,
         media_batch_size: int = 4,
         media_seed: int = 0,
+        nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         media_batch_size=media_batch_size, media_seed=media_seed)
+                         media_batch_size=media_batch_size, media_seed=media_seed, nonfinite=nonfinite)
         self.save_hyperparameters()
         self.clip = CLIP(model_name, pretrained=pretrained, model_cfg=model_cfg, freeze=False)
         self.loss_fn = ClipLoss()
@@ -70,7 +71,8 @@ class CLIPStage(StageBase):
             self.clip.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        pass  # unlike the P/D stages, the CLIP *is* this stage's network: keep the clip.* tensors
+        # unlike the P/D stages, the CLIP *is* this stage's network: keep the clip.* tensors
+        checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
 
     def media_from_batch(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         return {}  # nothing to draw: CLIP produces embeddings

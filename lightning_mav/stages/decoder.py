@@ -68,9 +68,10 @@ class DecoderStage(StageBase):
         warmup_steps: int = 0,
         media_batch_size: int = 4,
         media_seed: int = 0,
+        nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         media_batch_size=media_batch_size, media_seed=media_seed)
+                         media_batch_size=media_batch_size, media_seed=media_seed, nonfinite=nonfinite)
         self.save_hyperparameters()
         if cond_frame not in ("middle", "first", "random"):
             raise ValueError(f"cond_frame must be 'middle', 'first' or 'random', got {cond_frame!r}")

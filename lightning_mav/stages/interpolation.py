@@ -136,6 +136,7 @@ class InterpolationStage(DecoderStage):
         warmup_steps: int = 0,
         media_batch_size: int = 4,
         media_seed: int = 0,
+        nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         if not skips or min(skips) < 1:
             raise ValueError(f"skips must be positive frame skips, got {skips!r}")
@@ -147,7 +148,7 @@ class InterpolationStage(DecoderStage):
                          init_from=init_from, freeze_spatial=freeze_spatial, sample_steps=sample_steps,
                          sampler=sampler, guidance_scale=guidance_scale, lr=lr, weight_decay=weight_decay,
                          betas=betas, warmup_steps=warmup_steps, media_batch_size=media_batch_size,
-                         media_seed=media_seed)
+                         media_seed=media_seed, nonfinite=nonfinite)
         self.num_frames, self.skips = num_frames, tuple(int(k) for k in skips)
         self.extrapolation_prob, self.loss_on_known = extrapolation_prob, loss_on_known
 

@@ -16,7 +16,7 @@ vectors again.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -64,9 +64,10 @@ class PriorStage(StageBase):
         warmup_steps: int = 100,
         media_batch_size: int = 4,
         media_seed: int = 0,
+        nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         media_batch_size=media_batch_size, media_seed=media_seed)
+                         media_batch_size=media_batch_size, media_seed=media_seed, nonfinite=nonfinite)
         self.save_hyperparameters()
         if clip_model is None:
             self.load_clip(clip_ckpt)

@@ -79,9 +79,10 @@ class SuperResStage(StageBase):
         warmup_steps: int = 0,
         media_batch_size: int = 4,
         media_seed: int = 0,
+        nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         media_batch_size=media_batch_size, media_seed=media_seed)
+                         media_batch_size=media_batch_size, media_seed=media_seed, nonfinite=nonfinite)
         self.save_hyperparameters()
         if highres_size % lowres_size:
             raise ValueError(f"highres_size {highres_size} must be a multiple of lowres_size {lowres_size}")

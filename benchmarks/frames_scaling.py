@@ -1,0 +1,251 @@
+"""D_t training-step time against the number of frames: factorised (pseudo-3D) vs full 3-D attention.
+
+Two networks with the same weights layout, trained with the same step (``DecoderStage.compute_loss`` + AdamW):
+
+- **factorised** — ``D_t`` as the library builds it: every attention is ``Attn_P3D`` (attention within each
+  frame over ``H*W`` tokens, then across the ``F`` frames of each pixel), every conv ``Conv_P3D``.
+- **full 3-D** — a copy in which every ``Attn_P3D`` instead attends jointly over all ``F*H*W`` tokens of the clip
+  (one ``scaled_dot_product_attention``, plus the context tokens), reusing the spatial layer's weights; the
+  temporal attention is skipped. A timing-only variant (no temporal position encoding), built here by rebinding
+  ``forward_frames`` on the instances: nothing of it is in the library.
+
+The convolutions and the factorised attention cost ``O(F)``; joint attention costs ``O(F^2)`` at every attention
+level, which is why Make-A-Video factorises. Configs:
+
+- default: the demo ``D_t`` of ``experiments/decoder.yaml`` + ``experiments/dt.yaml`` (dim 32, mults 1-2-2,
+  attention at the 16x16 and 8x8 levels), 32x32 frames — the network this repo trains.
+- ``--full``: the matched config of ``train_step`` (dim 64, mults 1-2-4-8, attention at the last level), 64x64.
+
+    python -m benchmarks.frames_scaling                  # F = 8, 16, 32, 64, demo D_t at 32x32, 3 rounds
+    python -m benchmarks.frames_scaling --full --write
+    python -m benchmarks.frames_scaling --frames 8,16 --size 32 --config matched
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from types import MethodType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor
+
+from benchmarks.common import (
+    Timing, add_common_args, apply_preset, configure_threads, count_flops, fmt, gemm_rate, machine,
+    machine_line, md_table, mode_flag, save_json, timed, write_section,
+)
+from benchmarks.train_step import OURS_UNET
+from lightning_mav.nn.p3d import Attn_P3D
+from lightning_mav.nn.unet import UNet
+from lightning_mav.stages.decoder import DecoderStage
+
+SECTION = "## Frame scaling"
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+PRESETS = {
+    "quick": dict(frames="8,16,32", config="demo", size=32, reps=1, threads=1),
+    "default": dict(frames="8,16,32,64", config="demo", size=32, reps=3, threads=1),
+    "full": dict(frames="8,16,32,64", config="matched", size=64, reps=2, threads=1),
+}
+VARIANTS = ("factorised", "full3d")
+LABELS = {"factorised": "factorised (P3D)", "full3d": "full 3-D attention"}
+
+
+def init_args(name: str) -> dict[str, Any]:
+    """``model.init_args`` of ``experiments/<name>.yaml``."""
+    return yaml.safe_load((EXPERIMENTS / f"{name}.yaml").read_text())["model"]["init_args"]
+
+
+def demo_dt_unet() -> dict[str, Any]:
+    """The demo D_t U-Net: D's config (decoder.yaml) updated with D_t's changes (dt.yaml), CLIP embedding width."""
+    from lightning_mav.nn.clip import resolve_config
+
+    unet = {**init_args("decoder")["unet"], **init_args("dt")["unet"]}
+    unet.setdefault("image_embed_dim", resolve_config("mav-tiny")["embed_dim"])
+    return unet
+
+
+# --------------------------------------------------------------------------------------------- the full 3-D variant
+def full3d_forward_frames(self: Attn_P3D, x: Tensor, num_frames: int | None, context: Tensor | None = None,
+                          context_mask: Tensor | None = None, time: bool = True) -> Tensor:
+    """Joint attention over all ``F*H*W`` tokens of each clip (+ context) with ``self.spatial``'s weights.
+
+    ``x [(B F), C, H, W]`` folded frames -> same. Images / ``time=False`` fall back to the per-frame layer.
+    """
+    if num_frames is None or not time:
+        return Attn_P3D.forward_frames(self, x, num_frames, context, context_mask, time)
+    sp = self.spatial
+    n, c, h, w = x.shape
+    f, hd, d = num_frames, sp.heads, sp.dim_head
+    b, length = n // f, num_frames * h * w
+    tokens = x.view(b, f, c, h * w).transpose(2, 3).reshape(b, length, c)
+    q, k, v = sp.to_qkv(sp.norm(tokens)).view(b, length, 3, hd, d).permute(2, 0, 3, 1, 4)  # [B, hd, FHW, d]
+    mask = None
+    if context is not None and sp.to_context_kv is not None:
+        ck, cv = sp.to_context_kv(context).view(b, -1, 2, hd, d).permute(2, 0, 3, 1, 4)
+        k, v = torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        if context_mask is not None:
+            mask = torch.cat([context_mask.new_ones(b, length), context_mask.bool()], 1)[:, None, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = sp.to_out(out.transpose(1, 2).reshape(b, length, hd * d))
+    return x + out.view(b, f, h, w, c).permute(0, 1, 4, 2, 3).reshape(n, c, h, w)
+
+
+def make_full3d(unet: torch.nn.Module) -> torch.nn.Module:
+    """Rebind every ``Attn_P3D`` of ``unet`` to joint space-time attention (in place); returns ``unet``."""
+    for module in unet.modules():
+        if isinstance(module, Attn_P3D):
+            module.forward_frames = MethodType(full3d_forward_frames, module)
+    return unet
+
+
+# --------------------------------------------------------------------------------------------- measurement
+def count_step_flops(unet_cfg: dict[str, Any], variant: str, f: int, s: int) -> float:
+    """GFLOP of the network's forward + backward (and MSE) at ``F = f`` on meta tensors."""
+    meta = torch.device("meta")
+    with meta:
+        net = UNet(**unet_cfg)
+    net = net.to(meta)
+    if variant == "full3d":
+        make_full3d(net)
+    x = torch.randn(1, 3, f, s, s, device=meta)
+
+    def run() -> None:
+        out = net(x, torch.randint(0, 1000, (1,), device=meta),
+                  image_embed=torch.randn(1, unet_cfg["image_embed_dim"], device=meta),
+                  fps=torch.full((1,), 8.0, device=meta))
+        F.mse_loss(out, x).backward()
+
+    return count_flops(run)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    threads = configure_threads(args.threads)
+    frames = [int(x) for x in str(args.frames).split(",")]
+    s = args.size
+    unet_cfg = demo_dt_unet() if args.config == "demo" else dict(OURS_UNET)
+    print(f"frames_scaling: config={args.config} {unet_cfg}, {s}x{s}, F={frames}, threads={threads}", flush=True)
+
+    stages, optimizers = {}, {}
+    for variant in VARIANTS:
+        torch.manual_seed(0)
+        stage = DecoderStage(unet=dict(unet_cfg), clip_ckpt=None).train()
+        if variant == "full3d":
+            make_full3d(stage.unet)
+        stages[variant], optimizers[variant] = stage, stage.configure_optimizers()["optimizer"]
+    embed_dim = unet_cfg["image_embed_dim"]
+    batches = {f: {"video": torch.rand(1, f, 3, s, s) * 2 - 1, "fps": torch.full((1,), 8.0),
+                   "image_embed": torch.randn(1, embed_dim)} for f in frames}
+    flops = {(v, f): count_step_flops(unet_cfg, v, f, s) for v in VARIANTS for f in frames}
+
+    def step(variant: str, f: int) -> None:
+        loss, _ = stages[variant].compute_loss(batches[f])
+        loss.backward()
+        optimizers[variant].step()
+        optimizers[variant].zero_grad(set_to_none=True)
+
+    timings = {(v, f): Timing() for v in VARIANTS for f in frames}
+    gemm, loads = [], []
+    for rnd in range(args.reps + 1):  # round 0: warm-up of every shape
+        gemm.append(gemm_rate())
+        for f in frames:
+            for v in VARIANTS:
+                wall, cpu, _ = timed(lambda: step(v, f))
+                loads.append(os.getloadavg()[0])
+                if rnd:
+                    timings[(v, f)].add(wall, cpu)
+                print(f"  round {rnd}{' (warm-up)' if rnd == 0 else ''} F={f} {v}: {wall:.2f} s wall, {cpu:.2f} CPU-s",
+                      flush=True)
+    med = lambda xs: sorted(xs)[len(xs) // 2] if xs else float("nan")  # noqa: E731
+    return {
+        "machine": machine(), "loads": loads, "unet": unet_cfg, "config": args.config, "size": s, "frames": frames,
+        "threads": threads, "gemm_gflops_cpu": med([g[1] for g in gemm]),
+        "points": [dict(variant=v, frames=f, gflop=flops[(v, f)], wall=timings[(v, f)].wall, cpu=timings[(v, f)].cpu)
+                   for v in VARIANTS for f in frames],
+        "command": f"python -m benchmarks.frames_scaling{mode_flag(args)}",
+    }
+
+
+# --------------------------------------------------------------------------------------------- report
+def _med(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2] if xs else float("nan")
+
+
+def report(res: dict[str, Any]) -> str:
+    pts = {(p["variant"], p["frames"]): p for p in res["points"]}
+    frames = res["frames"]
+    f0 = frames[0]
+    rows = []
+    for f in frames:
+        row = [str(f)]
+        for v in VARIANTS:
+            p, base = pts[(v, f)], pts[(v, f0)]
+            cpu, wall = _med(p["cpu"]), _med(p["wall"])
+            row += [fmt(wall), fmt(cpu), fmt(cpu / _med(base["cpu"]), 1) + "x", fmt(p["gflop"], 1),
+                    fmt(p["gflop"] / base["gflop"], 1) + "x"]
+        rows.append(row)
+    hdr = ["F"]
+    for v in VARIANTS:
+        short = "P3D" if v == "factorised" else "3-D"
+        hdr += [f"{short} s/step (wall)", f"{short} CPU-s", f"{short} time / F={f0}", f"{short} GFLOP",
+                f"{short} GFLOP / F={f0}"]
+    u = res["unet"]
+    cfg = (f"dim {u['dim']}, mults {'-'.join(map(str, u['dim_mults']))}, {u.get('num_res_blocks', 2)} res block(s) "
+           f"per level, attention at levels {list(u.get('attn_levels', ()))} (+ mid), {u.get('heads', 4)} heads x "
+           f"{u.get('dim_head', 32)}")
+    lines = [
+        f"`{res['command']}` — {machine_line(res['machine'], res['loads'])}",
+        "",
+        f"{'Demo' if res['config'] == 'demo' else 'Matched (train_step)'} D_t ({cfg}), {res['size']}x{res['size']} "
+        f"frames, batch 1, fp32, one training step (forward, backward, AdamW); median of {len(res['points'][0]['cpu'])} "
+        f"interleaved rounds after a warm-up round. *P3D*: the library's factorised attention; *3-D*: every attention "
+        "replaced by joint attention over all F·H·W tokens (same weights). Ratios on CPU time (1 thread: load-independent).",
+        "",
+        md_table(hdr, rows),
+    ]
+    return "\n".join(lines)
+
+
+def targets(res: dict[str, Any]) -> list[str]:
+    pts = {(p["variant"], p["frames"]): p for p in res["points"]}
+    frames = res["frames"]
+    if 8 not in frames or 64 not in frames:
+        return ["- step(64)/step(8) <= 9x: not measured (needs F=8 and F=64)."]
+    out = []
+    for v in VARIANTS:
+        r = _med(pts[(v, 64)]["cpu"]) / _med(pts[(v, 8)]["cpu"])
+        rw = _med(pts[(v, 64)]["wall"]) / _med(pts[(v, 8)]["wall"])
+        fl = pts[(v, 64)]["gflop"] / pts[(v, 8)]["gflop"]
+        verdict = ("**met**" if r <= 9 else "**missed**") if v == "factorised" else "(reference)"
+        out.append(f"- step(64)/step(8) <= 9x, {LABELS[v]}: {verdict} — {r:.1f}x CPU time ({rw:.1f}x wall; "
+                   f"FLOPs {fl:.1f}x).")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.frames_scaling", description=__doc__.split("\n")[0])
+    add_common_args(p)
+    p.add_argument("--frames", default=None, help="comma-separated frame counts (default 8,16,32,64)")
+    p.add_argument("--size", type=int, default=None, help="frame side")
+    p.add_argument("--config", choices=["demo", "matched"], default=None, help="which D_t (see the module docstring)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = apply_preset(build_parser().parse_args(argv), PRESETS)
+    res = json.loads(Path(args.from_json).read_text()) if args.from_json else run(args)
+    body = report(res) + "\n\nTargets:\n\n" + "\n".join(targets(res))
+    print("\n" + SECTION + "\n\n" + body, flush=True)
+    save_json(args.json, res)
+    if args.write:
+        write_section(SECTION, body)
+    return res
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

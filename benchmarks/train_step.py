@@ -1,0 +1,466 @@
+"""One D_t training step (forward, backward, AdamW) against make-a-video-pytorch and diffusers, same run.
+
+Cases (fp32, CPU, video ``[B, 3, F, S, S]``, default B=1):
+
+- **ours** — ``DecoderStage.compute_loss`` + the optimizer of ``DecoderStage.configure_optimizers`` (AdamW,
+  foreach on CPU): exactly what Lightning runs per step, minus logging. U-Net ``dim 64, mults 1-2-4-8,
+  2 res blocks per level, attention (spatial + temporal, 8 heads x 64) at the last level and in the middle``,
+  conditioned on a 256-d image embedding (4 context tokens) and fps.
+- **ours + checkpointing** — the same with ``unet.checkpointing=True`` (every block recomputed in backward).
+- **SpaceTimeUnet** (make-a-video-pytorch 0.4) — ``dim 64, dim_mult 1-2-4-8, resnet_block_depths 2-2-2-2,
+  self_attns at the last level (+ mid), 8 heads x 64``, temporal compression **off** so that every level sees all
+  frames, as in ours: the matched config. Its ResnetBlocks hold two pseudo-3D convs each, like ours.
+- **SpaceTimeUnet, temporal compression** — the same with the package default ``temporal_compression
+  (False, True, True, True)`` (frames halved at levels 1-3): less work than ours, shown for reference.
+- **UNet3DConditionModel** (diffusers) — ``block_out_channels 64-128-256-512, layers_per_block 1``, cross-attention
+  blocks only at the last level (+ mid), 8 heads, 4 context tokens of width 256 (what ours attends to).
+
+The peers get the same diffusion loss (epsilon MSE at a random timestep) and the same AdamW (foreach). FLOPs are
+counted once per model with ``FlopCounterMode`` on meta tensors (forward + backward of the network and loss; the
+optimizer's elementwise work is not counted). Models are interleaved round by round, medians reported; the fp32
+GEMM rate is measured between rounds. See ``benchmarks/common.py`` for the clocks and the memory measure.
+
+    python -m benchmarks.train_step                   # 16x32x32, 3 rounds (~5 min on the shared 2-core CPU)
+    python -m benchmarks.train_step --full --write    # 16x64x64 (the issue's reference), 3 rounds; RESULTS.md
+    python -m benchmarks.train_step --frames 8 --size 64 --batch 2 --models ours,stu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from benchmarks.common import (
+    Timing, add_common_args, apply_preset, configure_threads, count_flops, fmt, gemm_rate, machine, machine_line,
+    md_table, mode_flag, peak_allocated_mib, save_json, timed, write_section,
+)
+from lightning_mav.diffusion import Diffusion
+from lightning_mav.stages.decoder import DecoderStage
+
+SECTION = "## D_t training step vs peers"
+PRESETS = {
+    "quick": dict(frames=8, size=32, batch=1, reps=2, threads=1),
+    "default": dict(frames=16, size=32, batch=1, reps=3, threads=1),
+    "full": dict(frames=16, size=64, batch=1, reps=3, threads=1),
+}
+EMBED_DIM, CONTEXT_TOKENS = 256, 4
+#: our matched D_t U-Net (lightning_mav.nn.unet.UNet kwargs)
+OURS_UNET: dict[str, Any] = dict(dim=64, dim_mults=(1, 2, 4, 8), num_res_blocks=2, attn_levels=(3,), mid_attn=True,
+                                 heads=8, dim_head=64, image_embed_dim=EMBED_DIM, num_image_tokens=CONTEXT_TOKENS,
+                                 temporal=True, fps_cond=True)
+ALL_MODELS = ("ours", "ours-ckpt", "stu", "stu-tc", "unet3d")
+ABLATIONS = ("ours-before", "ours-im2col", "ours-direct-up", "ours-fused")
+LABELS = {"ours": "ours (D_t)", "ours-ckpt": "ours + checkpointing", "ours-compile": "ours + torch.compile",
+          "ours-before": "ours, before (time-im2col temporal conv, nearest+3x3 upsample)",
+          "ours-im2col": "ours with the time-im2col temporal conv", "ours-direct-up": "ours with nearest+3x3 upsample",
+          "ours-fused": "ours with fused AdamW (not the stages' default on CPU)",
+          "stu": "SpaceTimeUnet", "stu-tc": "SpaceTimeUnet, temporal compression",
+          "unet3d": "UNet3DConditionModel"}
+
+
+@dataclass
+class Case:
+    """One model under test: how to take a training step and what was measured."""
+
+    name: str
+    params: int
+    gflop: float
+    step: Callable[[], None]
+    timing: Timing = field(default_factory=Timing)
+    mem: list[float] = field(default_factory=list)
+    first_step_s: float = float("nan")
+
+    @property
+    def label(self) -> str:
+        return LABELS.get(self.name, self.name)
+
+    @property
+    def resident_mib(self) -> float:
+        """Weights + AdamW's two moments, fp32 (gradients are freed between steps: they are in the step peak)."""
+        return 12 * self.params / 2**20
+
+    @property
+    def mem_median(self) -> float:
+        return sorted(self.mem)[len(self.mem) // 2] if self.mem else float("nan")
+
+
+# --------------------------------------------------------------------------------------------------- ablations
+def _im2col_temporal_forward(self: Any, x: Tensor, num_frames: int) -> Tensor:
+    """The previous ``TemporalConv`` (NCHW): frames ``f-1, f, f+1`` concatenated on channels, one 1x1 conv."""
+    n, c, h, w = x.shape
+    b, f, k = n // num_frames, num_frames, self.kernel_size[0]
+    centre = k // 2
+    v = F.pad(x.view(b, f, c, h, w), (0, 0, 0, 0, 0, 0, centre, centre))
+    cols = torch.cat([v[:, j: j + f] for j in range(k)], dim=2).view(n, k * c, h, w)
+    return F.conv2d(cols, self.weight.transpose(1, 2).reshape(c, k * c, 1, 1), self.bias)
+
+
+def _direct_upsample_forward(self: Any, x: Tensor, num_frames: int | None, time: bool = True) -> Tensor:
+    """The previous ``Upsample``: materialise the nearest-×2 frames, then the 3x3 ``Conv_P3D``."""
+    return self.conv.forward_frames(F.interpolate(x, scale_factor=2.0, mode="nearest"), num_frames, time)
+
+
+def _patches(name: str) -> list[tuple[Any, str, Callable[..., Any]]]:
+    """(class, method, replacement) that turn the current library into an ablation case's."""
+    from lightning_mav.nn.p3d import TemporalConv
+    from lightning_mav.nn.unet import Upsample
+
+    out = []
+    if name in ("ours-before", "ours-im2col"):
+        out.append((TemporalConv, "forward", _im2col_temporal_forward))
+    if name in ("ours-before", "ours-direct-up"):
+        out.append((Upsample, "forward", _direct_upsample_forward))
+    return out
+
+
+def with_patches(name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with the ablation's implementations swapped in (and restored after, so cases interleave)."""
+    patches = _patches(name)
+    if not patches:
+        return fn
+
+    def patched() -> Any:
+        saved = [(cls, attr, cls.__dict__[attr]) for cls, attr, _ in patches]
+        try:
+            for cls, attr, impl in patches:
+                setattr(cls, attr, impl)
+            return fn()
+        finally:
+            for cls, attr, impl in saved:
+                setattr(cls, attr, impl)
+    return patched
+
+
+# --------------------------------------------------------------------------------------------------- model builders
+def build_stu(temporal_compression: bool) -> nn.Module:
+    from make_a_video_pytorch import SpaceTimeUnet
+
+    return SpaceTimeUnet(dim=64, channels=3, dim_mult=(1, 2, 4, 8), self_attns=(False, False, False, True),
+                         temporal_compression=(False, True, True, True) if temporal_compression else (False,) * 4,
+                         resnet_block_depths=(2, 2, 2, 2), attn_dim_head=64, attn_heads=8)
+
+
+def build_unet3d(size: int) -> nn.Module:
+    from diffusers import UNet3DConditionModel
+
+    # diffusers' UNet3D reads attention_head_dim as the number of heads: 8 heads (64 wide at 512 channels)
+    return UNet3DConditionModel(
+        sample_size=size, in_channels=3, out_channels=3, block_out_channels=(64, 128, 256, 512), layers_per_block=1,
+        down_block_types=("DownBlock3D", "DownBlock3D", "DownBlock3D", "CrossAttnDownBlock3D"),
+        up_block_types=("CrossAttnUpBlock3D", "UpBlock3D", "UpBlock3D", "UpBlock3D"),
+        cross_attention_dim=EMBED_DIM, attention_head_dim=8, norm_num_groups=32)
+
+
+def peer_forward(name: str) -> Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]:
+    """``(net, x_t, t, context) -> prediction`` for a peer."""
+    if name == "unet3d":
+        return lambda net, x, t, ctx: net(x, t, encoder_hidden_states=ctx).sample
+    return lambda net, x, t, ctx: net(x, t.float())
+
+
+def build_ours(unet: dict[str, Any]) -> DecoderStage:
+    stage = DecoderStage(unet=dict(unet), clip_ckpt=None, cond_drop_prob=0.1)
+    return stage.train()
+
+
+def count_model_flops(name: str, unet: dict[str, Any], b: int, f: int, s: int) -> float:
+    """GFLOP of forward + backward (network and MSE loss) on meta tensors: nothing is computed."""
+    meta = torch.device("meta")
+    with meta:
+        if name.startswith("ours"):
+            from lightning_mav.nn.unet import UNet
+            net = UNet(**unet)
+        elif name.startswith("stu"):
+            net = build_stu(name == "stu-tc")
+        else:
+            net = build_unet3d(s)
+    net = net.to(meta)  # buffers a module created on an explicit device (RoPE tables) too
+    x = torch.randn(b, 3, f, s, s, device=meta)
+    t = torch.randint(0, 1000, (b,), device=meta)
+
+    def run() -> None:
+        if name.startswith("ours"):
+            out = net(x, t, image_embed=torch.randn(b, EMBED_DIM, device=meta), fps=torch.full((b,), 8.0, device=meta))
+        else:
+            out = peer_forward(name)(net, x, t, torch.randn(b, CONTEXT_TOKENS, EMBED_DIM, device=meta))
+        F.mse_loss(out, x).backward()
+
+    return count_flops(run)
+
+
+_SHARED: dict[str, Any] = {}
+
+
+def shared_ours(unet: dict[str, Any]) -> tuple[DecoderStage, torch.optim.Optimizer]:
+    """One D_t stage + its optimizer shared by every "ours" variant: they differ only in how a step runs
+    (checkpointing flag, swapped implementations, compilation), so the process holds one copy of the weights."""
+    if "stage" not in _SHARED:
+        stage = build_ours(unet)
+        _SHARED.update(stage=stage, optimizer=stage.configure_optimizers()["optimizer"], eager=stage.unet)
+    return _SHARED["stage"], _SHARED["optimizer"]
+
+
+def make_case(name: str, b: int, f: int, s: int, unet: dict[str, Any]) -> Case:
+    """Build a model, its optimizer and a fixed batch; return its step closure."""
+    torch.manual_seed(0)
+    video = torch.rand(b, f, 3, s, s) * 2 - 1
+    if name.startswith("ours"):
+        stage, optimizer = shared_ours(unet)
+        if name == "ours-fused":  # what stages/base.py would run with fused AdamW on the CPU (own moments)
+            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+            optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=stage.betas, fused=True)
+        network = torch.compile(_SHARED["eager"]) if name == "ours-compile" else _SHARED["eager"]
+        batch = {"video": video, "fps": torch.full((b,), 8.0), "image_embed": torch.randn(b, EMBED_DIM)}
+
+        def step() -> None:
+            stage.unet = network
+            _SHARED["eager"].checkpointing = name == "ours-ckpt"
+            loss, _ = stage.compute_loss(batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        cfg = dict(unet, checkpointing=name == "ours-ckpt")
+        params = sum(p.numel() for p in stage.unet.parameters())
+        gflop = with_patches(name, lambda: count_model_flops(name, cfg, b, f, s))()
+        return Case(name, params, gflop, with_patches(name, step))
+
+    net = (build_stu(name == "stu-tc") if name.startswith("stu") else build_unet3d(s)).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, foreach=True)
+    diffusion = Diffusion(clip_sample=1.0)
+    x0 = video.transpose(1, 2).contiguous()  # [B, 3, F, S, S]
+    context = torch.randn(b, CONTEXT_TOKENS, EMBED_DIM)
+    forward = peer_forward(name)
+
+    def step() -> None:  # what DecoderStage does: random t and noise, epsilon MSE, AdamW
+        loss = diffusion.loss(lambda x_t, t: forward(net, x_t, t, context), x0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Case(name, sum(p.numel() for p in net.parameters()), count_model_flops(name, unet, b, f, s), step)
+
+
+# --------------------------------------------------------------------------------------------------- AdamW variants
+def adamw_variants(params: list[nn.Parameter], reps: int = 3) -> dict[str, float]:
+    """Median seconds of one AdamW step over ``params`` (random grads): for-loop, foreach, fused (CPU kernel)."""
+    for p in params:
+        p.grad = torch.randn_like(p)
+    out = {}
+    for label, kw in (("for-loop", dict(foreach=False)), ("foreach", dict(foreach=True)), ("fused", dict(fused=True))):
+        try:
+            opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), **kw)
+        except (RuntimeError, ValueError):
+            continue
+        opt.step()  # allocates the moments
+        walls = sorted(timed(opt.step)[0] for _ in range(reps))
+        out[label] = walls[len(walls) // 2]
+        del opt
+    for p in params:
+        p.grad = None
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- run
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    threads = configure_threads(args.threads)
+    b, f, s = args.batch, args.frames, args.size
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.compile and "ours-compile" not in names:
+        names.insert(1, "ours-compile")
+    if args.ablations:
+        names[1:1] = [n for n in ABLATIONS if n not in names]
+    print(f"train_step: B={b} F={f} {s}x{s}, threads={threads}, models={names}, rounds={args.reps}", flush=True)
+    cases = []
+    for name in names:
+        case = make_case(name, b, f, s, OURS_UNET)
+        cases.append(case)
+        print(f"  built {case.label}: {case.params / 1e6:.1f}M params, {case.gflop:.0f} GFLOP/step", flush=True)
+
+    gemm_wall, gemm_cpu, loads = [], [], []
+    # round 0: warm-up (AdamW moments, oneDNN primitives, compilation); round 1: memory (profiled, not timed);
+    # rounds 2..: timed
+    for rnd in range(args.reps + 2):
+        gw, gc = gemm_rate()
+        gemm_wall.append(gw)
+        gemm_cpu.append(gc)
+        for case in cases:
+            if rnd == 1:
+                case.mem.append(peak_allocated_mib(case.step))
+                print(f"  round 1 (memory) {case.label}: step peak {case.mem[-1]:.0f} MiB allocated", flush=True)
+                continue
+            wall, cpu, _ = timed(case.step)
+            loads.append(os.getloadavg()[0])
+            if rnd == 0:
+                case.first_step_s = wall
+            else:
+                case.timing.add(wall, cpu)
+            print(f"  round {rnd}{' (warm-up)' if rnd == 0 else ''} {case.label}: {wall:.2f} s wall, "
+                  f"{cpu:.2f} CPU-s", flush=True)
+    gw, gc = gemm_rate()
+    gemm_wall.append(gw)
+    gemm_cpu.append(gc)
+
+    adamw = {}
+    if not args.no_adamw:
+        from lightning_mav.nn.unet import UNet
+        with torch.device("meta"):
+            shapes = [p.shape for p in UNet(**OURS_UNET).parameters()]
+        adamw = adamw_variants([nn.Parameter(torch.randn(shape)) for shape in shapes])
+
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    result = {
+        "machine": machine(), "loads": loads, "config": dict(batch=b, frames=f, size=s, threads=threads),
+        "gemm_gflops_wall": med(gemm_wall), "gemm_gflops_cpu": med(gemm_cpu), "adamw_s": adamw,
+        "cases": [dict(name=c.name, label=c.label, params=c.params, gflop=c.gflop, wall=c.timing.wall, cpu=c.timing.cpu,
+                       mem_mib=c.mem, resident_mib=c.resident_mib, first_step_s=c.first_step_s) for c in cases],
+        "command": f"python -m benchmarks.train_step{mode_flag(args)}" + (" --compile" if args.compile else "")
+        + (" --ablations" if args.ablations else "") + (f" --models {args.models}" if args.models != ",".join(ALL_MODELS)
+                                                         else ""),
+    }
+    return result
+
+
+# --------------------------------------------------------------------------------------------------- report
+def _stats(c: dict[str, Any], gemm_wall: float, gemm_cpu: float) -> dict[str, float]:
+    med = lambda xs: sorted(xs)[len(xs) // 2] if xs else float("nan")  # noqa: E731
+    wall, cpu, mem = med(c["wall"]), med(c["cpu"]), med(c["mem_mib"])
+    return dict(wall=wall, cpu=cpu, mem=mem, total=mem + c["resident_mib"], gflops=c["gflop"] / wall,
+                pct_wall=100 * c["gflop"] / wall / gemm_wall, per_cpu=c["gflop"] / cpu,
+                pct_cpu=100 * c["gflop"] / cpu / gemm_cpu)
+
+
+def report(res: dict[str, Any]) -> str:
+    """The markdown of the RESULTS.md section."""
+    cfg, gw, gc = res["config"], res["gemm_gflops_wall"], res["gemm_gflops_cpu"]
+    cases = {c["name"]: c for c in res["cases"]}
+    st = {n: _stats(c, gw, gc) for n, c in cases.items()}
+    rows = []
+    for n, c in cases.items():
+        s = st[n]
+        rows.append([c["label"], fmt(c["params"] / 1e6, 1), fmt(c["gflop"], 0), fmt(s["wall"]), fmt(s["cpu"]),
+                     fmt(s["gflops"], 1), fmt(s["pct_wall"], 0) + "%", fmt(s["per_cpu"], 1), fmt(s["pct_cpu"], 0) + "%",
+                     fmt(s["mem"], 0), fmt(s["total"], 0)])
+    table = md_table(["model", "params (M)", "GFLOP/step", "s/step (wall)", "CPU-s/step", "GFLOP/s (wall)",
+                      "% of GEMM (wall)", "GFLOP per CPU-s", "% of GEMM (CPU)", "step peak (MiB)",
+                      "total: + weights & AdamW (MiB)"], rows)
+    lines = [
+        f"`{res['command']}` — {machine_line(res['machine'], res['loads'])}",
+        "",
+        f"fp32, batch {cfg['batch']}, {cfg['frames']}x{cfg['size']}x{cfg['size']} video, one training step = forward + "
+        f"backward + AdamW. Median of {len(res['cases'][0]['wall'])} interleaved rounds after a warm-up round. "
+        f"Measured fp32 GEMM rate (2048² matmul, same threads, between rounds, median of rounds): "
+        f"**{gw:.1f} GFLOP/s wall, {gc:.1f} GFLOP per CPU-second**. *% of GEMM (CPU)* compares FLOP per CPU-second, "
+        "which the machine's load does not distort; *(wall)* compares wall-clock rates measured side by side. "
+        "*Step peak*: the peak of tensor memory allocated during one step (activations, gradients, temporaries), "
+        "from the profiler's allocation events in a separate, untimed round; *total* adds 12 bytes per parameter "
+        "(fp32 weights and the two AdamW moments, resident between steps).",
+        "",
+        table,
+    ]
+    if "ours" in st:
+        ratio_rows = []
+        o = st["ours"]
+        for n in cases:
+            if n.startswith("ours"):
+                continue
+            p = st[n]
+            ratio_rows.append([cases[n]["label"], fmt(p["wall"] / o["wall"]) + "x", fmt(p["cpu"] / o["cpu"]) + "x",
+                               fmt(o["mem"] / p["mem"]), fmt(o["total"] / p["total"]),
+                               fmt(cases["ours"]["gflop"] / cases[n]["gflop"]),
+                               fmt((p["cpu"] / cases[n]["gflop"]) / (o["cpu"] / cases["ours"]["gflop"])) + "x"])
+            if "ours-ckpt" in st:
+                k = st["ours-ckpt"]
+                ratio_rows.append([cases[n]["label"] + " vs ours + checkpointing", fmt(p["wall"] / k["wall"]) + "x",
+                                   fmt(p["cpu"] / k["cpu"]) + "x", fmt(k["mem"] / p["mem"]),
+                                   fmt(k["total"] / p["total"]), fmt(cases["ours"]["gflop"] / cases[n]["gflop"]),
+                                   fmt((p["cpu"] / cases[n]["gflop"]) / (k["cpu"] / cases["ours"]["gflop"])) + "x"])
+        lines += ["", "Ours against each peer (speed-up = peer time / our time; memory = ours / peer):", "",
+                  md_table(["peer", "speed-up (wall)", "speed-up (CPU)", "step peak ours/peer",
+                            "total peak ours/peer", "GFLOP ours/peer", "speed-up per FLOP (CPU)"], ratio_rows)]
+    ablated = [n for n in ABLATIONS if n in st]
+    if ablated and "ours" in st:
+        o = st["ours"]
+        rows = [[cases[n]["label"], fmt(st[n]["cpu"]), fmt(st[n]["wall"]), fmt(st[n]["mem"], 0), fmt(cases[n]["gflop"], 0),
+                 fmt(st[n]["cpu"] / o["cpu"]) + "x", fmt(o["mem"] / st[n]["mem"])] for n in ablated]
+        lines += ["", "This session's library changes, measured by swapping the previous implementations back in "
+                      "(same run, interleaved):", "",
+                  md_table(["variant", "CPU-s/step", "s/step (wall)", "step peak (MiB)", "GFLOP/step",
+                            "its time / ours (CPU)", "ours / its step peak"], rows)]
+    if "ours-ckpt" in st and "ours" in st:
+        o, k = st["ours"], st["ours-ckpt"]
+        lines += ["", f"Gradient checkpointing (`unet.checkpointing: true`): step time x{k['cpu'] / o['cpu']:.2f} "
+                      f"(CPU) / x{k['wall'] / o['wall']:.2f} (wall), step peak memory x{k['mem'] / o['mem']:.2f} "
+                      f"({o['mem']:.0f} -> {k['mem']:.0f} MiB)."]
+    if "ours-compile" in st and "ours" in st:
+        o, k = st["ours"], st["ours-compile"]
+        first = cases["ours-compile"]["first_step_s"]
+        lines += ["", f"`torch.compile` (inductor, CPU): first step (compilation) {first:.0f} s wall; then "
+                      f"x{k['cpu'] / o['cpu']:.2f} the eager step time (CPU), step peak memory x{k['mem'] / o['mem']:.2f}."]
+    if res.get("adamw_s"):
+        a = res["adamw_s"]
+        lines += ["", "AdamW step over the D_t parameters alone (median wall s): " +
+                  ", ".join(f"{k} {v:.3f}" for k, v in a.items()) + "."]
+    return "\n".join(lines)
+
+
+def targets(res: dict[str, Any]) -> list[str]:
+    """Target verdict lines (issue 7) from a result."""
+    gw, gc = res["gemm_gflops_wall"], res["gemm_gflops_cpu"]
+    st = {c["name"]: _stats(c, gw, gc) for c in res["cases"]}
+    out = []
+    if "ours" in st and "stu" in st:
+        o, p = st["ours"], st["stu"]
+        speed = p["cpu"] / o["cpu"]
+        out.append(f"- D_t step >= 2x faster than SpaceTimeUnet (matched): {'**met**' if speed >= 2 else '**missed**'} "
+                   f"— {speed:.2f}x (CPU time), {p['wall'] / o['wall']:.2f}x (wall).")
+        for n in ("ours", "ours-ckpt"):
+            if n in st:
+                r = st[n]["total"] / p["total"]
+                out.append(f"- peak memory <= 0.7x SpaceTimeUnet's ({LABELS[n]}): {'**met**' if r <= 0.7 else '**missed**'}"
+                           f" — {r:.2f}x total ({st[n]['total']:.0f} vs {p['total']:.0f} MiB), "
+                           f"{st[n]['mem'] / p['mem']:.2f}x step peak.")
+    if "ours" in st:
+        pct = st["ours"]["pct_cpu"]
+        out.append(f"- >= 60% of the measured GEMM rate: {'**met**' if pct >= 60 else '**missed**'} — {pct:.0f}% "
+                   f"(FLOP per CPU-second), {st['ours']['pct_wall']:.0f}% (wall).")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n")[0])
+    add_common_args(p)
+    p.add_argument("--frames", type=int, default=None)
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--models", default=",".join(ALL_MODELS), help=f"comma-separated subset of {ALL_MODELS}")
+    p.add_argument("--compile", action="store_true", help="add ours + torch.compile (slow to compile on CPU)")
+    p.add_argument("--no-adamw", action="store_true", help="skip the AdamW for-loop/foreach/fused comparison")
+    p.add_argument("--ablations", action="store_true",
+                   help="add ours with the previous temporal conv / upsample implementations (before/after numbers)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = apply_preset(build_parser().parse_args(argv), PRESETS)
+    res = json.loads(Path(args.from_json).read_text()) if args.from_json else run(args)
+    body = report(res) + "\n\nTargets:\n\n" + "\n".join(targets(res))
+    print("\n" + SECTION + "\n\n" + body, flush=True)
+    save_json(args.json, res)
+    if args.write:
+        write_section(SECTION, body)
+    return res
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,296 @@
+"""Evaluation runs (`mav evaluate`, `lightning test --config experiments/eval.yaml`) on tiny checkpoints made here."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+import lightning_mav.evaluate as ev
+from lightning_mav.cli import EXPERIMENTS, MAVCLI
+from lightning_mav.media import read_video
+
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+    "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+UNET = {"dim": 16, "dim_mults": (1, 2), "num_res_blocks": 1, "attn_levels": (1,), "heads": 2, "dim_head": 8}
+FAST = {"sample_steps": 2, "warmup_steps": 0, "lr": 1e-3}
+EXPECTED = {
+    "shapes/color", "shapes/shape", "shapes/size", "shapes/all", "coherence/D_t", "coherence/D_t/smoothness",
+    "coherence/D_per_frame", "coherence/D_per_frame/smoothness", "coherence/gain", "coherence/up_F",
+    "clipsim/suite_clip", "fvd", "interp/psnr", "interp/linear_blend_psnr", "interp/gain",
+    *(f"sr/{s}/{m}" for s in ("SR_l", "SR_t", "SR_h") for m in ("psnr", "bicubic_psnr", "gain")),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Several test processes share 2 cores: one intra-op thread each avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fit(stage: pl.LightningModule, data: pl.LightningDataModule, path: Path, steps: int = 1) -> str:
+    """One real Lightning step, then the checkpoint where the evaluation looks for it."""
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(stage, datamodule=data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def runs(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """clip, prior, decoder -> dt -> interp, sr_l -> sr_t; no sr_h (so it must read "not trained").
+
+    D_t makes 8 px frames, ↑F interpolates them, SR_t takes them to 16 px.
+    """
+    from datamodules.text_image import TextImageDataModule
+    from datamodules.video import VideoDataModule
+    from lightning_mav.stages.clip import CLIPStage
+    from lightning_mav.stages.decoder import DecoderStage
+    from lightning_mav.stages.interpolation import InterpolationStage
+    from lightning_mav.stages.prior import PriorStage
+    from lightning_mav.stages.superres import SuperResStage
+
+    pl.seed_everything(0, verbose=False)
+    root = tmp_path_factory.mktemp("runs")
+
+    def ckpt(name: str) -> Path:
+        return root / name / "checkpoints" / "last.ckpt"
+
+    def images(size: int) -> TextImageDataModule:
+        return TextImageDataModule(root=str(shapes_root), image_size=size, batch_size=4)
+
+    def videos(size: int, frames: int) -> VideoDataModule:
+        return VideoDataModule(root=str(shapes_root), num_frames=frames, video_size=size, fps_min=8, fps_max=24,
+                               batch_size=2)
+
+    clip = fit(CLIPStage("tiny", model_cfg=TINY_CLIP, warmup_steps=0), images(16), ckpt("clip"))
+    fit(PriorStage(clip, dim=32, depth=1, heads=2, dim_head=16, **FAST), images(16), ckpt("prior"))
+    d = fit(DecoderStage(unet=UNET, clip_ckpt=clip, image_size=8, **FAST), images(8), ckpt("decoder"))
+    dt = fit(DecoderStage(unet={"temporal": True, "fps_cond": True}, clip_ckpt=clip, init_from=d, image_size=8,
+                          **FAST), videos(8, 4), ckpt("dt"))
+    fit(InterpolationStage(clip_ckpt=clip, init_from=dt, image_size=8, num_frames=11, **FAST), videos(8, 11),
+        ckpt("interp"))
+    sr_l = fit(SuperResStage(unet=UNET, lowres_size=8, highres_size=16, **FAST), images(16), ckpt("sr_l"))
+    fit(SuperResStage(unet={"temporal": True}, init_from=sr_l, lowres_size=8, highres_size=16, **FAST),
+        videos(16, 4), ckpt("sr_t"))
+    return root
+
+
+class _FakeI3D(nn.Module):
+    """Stands in for StyleGAN-V's TorchScript I3D (same call): 400 features of 20x20 pooled frames."""
+
+    def forward(self, x: Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False) -> Tensor:
+        return F.adaptive_avg_pool3d(x.float(), (1, 20, 20)).mean(dim=1).flatten(1)
+
+
+@pytest.fixture(scope="module")
+def i3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("i3d") / "i3d_torchscript.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated, but the detector format is TorchScript
+        torch.jit.save(torch.jit.script(_FakeI3D()), str(path))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------- prompts
+def test_prompt_sources(shapes_root: Path, tmp_path: Path) -> None:
+    shapes = ev.load_prompts(data=shapes_root)  # default: <data>/eval/prompts.jsonl
+    assert len(shapes) == 24 and all(ev.is_shapes_prompt(p) for p in shapes)
+    subset = ev.load_prompts(data=shapes_root, num_prompts=8, seed=1)
+    assert len(subset) == 8 and subset == [p for p in shapes if p in subset]  # file order kept
+    assert len({ev.parse_prompt(p).shape for p in subset}) > 1  # not every k-th line (one shape)
+    assert subset == ev.load_prompts(data=shapes_root, num_prompts=8, seed=1)
+
+    txt = tmp_path / "p.txt"
+    txt.write_text("a red circle\n\n# comment\na blue square\n")
+    assert ev.load_prompts(txt) == ["a red circle", "a blue square"]
+    classes = tmp_path / "classInd.txt"
+    classes.write_text("1 ApplyEyeMakeup\n2 Basketball\n3 playing_guitar\n")
+    assert ev.load_prompts(classes=classes) == ["a video of a person apply eye makeup",
+                                                "a video of a person basketball",
+                                                "a video of a person playing guitar"]
+    captions = ev.load_prompts(str(shapes_root / "images" / "val-*.tar"), num_prompts=3)
+    assert len(captions) == 3 and all(ev.is_shapes_prompt(c) for c in captions)
+    assert not ev.is_shapes_prompt("a video of a person basketball")
+
+
+def test_prompt_items_pad_for_ranks_without_repeating_samples() -> None:
+    items = ev.prompt_items(["a", "b", "c"], videos_per_prompt=2, world_size=4)
+    assert len(items) == 8
+    assert [i["index"] for i in items if i["valid"]] == [0, 1, 2, 3, 4, 5]
+    assert [i["prompt"] for i in items[:6]] == ["a", "a", "b", "b", "c", "c"]
+    assert sum(not i["valid"] for i in items) == 2
+
+
+def test_plan_seeds_batches_by_first_index() -> None:
+    plan = ev.plan_samples(["a", "b", "c"], videos_per_prompt=1, batch_size=2, seed=10)
+    assert [[(s.index, s.prompt, s.seed, s.position) for s in b] for b in plan] == [
+        [(0, "a", 10, 0), (1, "b", 10, 1)], [(2, "c", 12, 0)]]
+
+
+# ----------------------------------------------------------------------------------------------------- the ablation
+def test_d_per_frame_treats_every_frame_alone(runs: Path) -> None:
+    chain = ev.load_chain(runs, device="cpu")
+    y_e = F.normalize(torch.randn(1, 16), dim=-1)
+    noise = torch.randn(1, 3, 4, 8, 8)
+    a = ev.sample_per_frame(chain.pipe, y_e, num_frames=4, seed=0, steps=2, noise=noise)
+    changed = noise.clone()
+    changed[:, :, 0] = torch.randn(1, 3, 8, 8)
+    b = ev.sample_per_frame(chain.pipe, y_e, num_frames=4, seed=0, steps=2, noise=changed)
+    assert a.shape == (1, 3, 4, 8, 8)
+    assert not torch.allclose(a[:, :, 0], b[:, :, 0])
+    torch.testing.assert_close(a[:, :, 1:], b[:, :, 1:])  # no temporal layer: other frames do not see frame 0
+
+
+def test_generate_batch_returns_what_the_pipeline_makes_and_its_intermediates(runs: Path) -> None:
+    pipe = ev.load_chain(runs, device="cpu").pipe
+    settings = ev.GenerationSettings(num_frames=4, steps=1)
+    made = ev.generate_batch(pipe, ["a red circle moving", "a blue square"], seed=3, settings=settings)
+    assert made.final == "SR_t" and made.fps == pytest.approx(30.0)
+    assert {k: tuple(v.shape) for k, v in made.frames.items()} == {
+        "D_t": (2, 3, 4, 8, 8), "up_F": (2, 3, 16, 8, 8), "SR_t": (2, 3, 16, 16, 16), "D_per_frame": (2, 3, 4, 8, 8)}
+    same = pipe(["a red circle moving", "a blue square"], num_frames=4, steps=1, seed=3, progress=False)
+    torch.testing.assert_close(made.frames["SR_t"], same.transpose(1, 2))  # exactly `mav generate`'s video
+    d_t = pipe(["a red circle moving", "a blue square"], num_frames=4, steps=1, seed=3, stop_after="D_t",
+               progress=False)
+    torch.testing.assert_close(made.frames["D_t"], d_t.transpose(1, 2))
+    torch.testing.assert_close(made.frames["up_F"][:, :, ::5], made.frames["D_t"])  # ↑F keeps D_t's frames
+    assert "sample" not in vars(pipe.D_t) and "interpolate" not in vars(pipe.up_F)  # the recorder is gone
+
+
+def test_real_data_scores_do_not_depend_on_batching(runs: Path, shapes_root: Path) -> None:
+    """Each real clip's noise comes from its key, so batches (and DDP ranks) do not change the PSNR scores."""
+    chain = ev.load_chain(runs, device="cpu")
+    settings = ev.GenerationSettings(num_frames=4, steps=1)
+    scores = []
+    for batch_size in (1, 3):
+        metrics = ev.EvalMetrics(chain.pipe.C_x)
+        real = ev.RealData(videos=str(shapes_root / "videos" / "val-*.tar"),
+                           images=str(shapes_root / "images" / "val-*.tar"), clips=3, batch_size=batch_size)
+        assert ev.score_real_data(chain, metrics, real, settings, seed=0) == {}
+        scores.append({k: v["value"] for k, v in metrics.results(chain.missing).items()
+                       if k.startswith(("interp/", "sr/SR_l", "sr/SR_t"))})
+    assert len(scores[0]) == 9 and all(math.isfinite(v) for v in scores[0].values())
+    assert scores[0] == pytest.approx(scores[1], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------- evaluate()
+def test_evaluate_writes_metrics_videos_and_reuses_samples(runs: Path, shapes_root: Path, i3d: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "eval"
+    result = ev.evaluate(runs, shapes_root, out, num_prompts=2, num_frames=4, quick=True, i3d=i3d, progress=False)
+
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["metrics"] == result["metrics"]
+    metrics = result["metrics"]
+    assert EXPECTED <= set(metrics)
+    for name, entry in metrics.items():
+        assert entry["about"], name
+        if name.startswith("sr/SR_h/"):
+            assert entry["value"].startswith("not trained: no ") and "experiments/sr_h.yaml" in entry["value"]
+        else:
+            assert isinstance(entry["value"], float) and math.isfinite(entry["value"]), (name, entry)
+    assert 0 <= metrics["shapes/all"]["value"] <= 1 and 0 <= metrics["coherence/D_t"]["value"] <= 1
+    assert "suite's own CLIP (tiny" in metrics["clipsim/suite_clip"]["about"]
+    assert "torchscript:i3d_torchscript.pt" in metrics["fvd"]["about"]
+    assert metrics["fvd/num_generated"]["value"] == 2.0
+    assert result["run"]["generated"] == 2 and result["run"]["reused"] == 0
+    assert result["run"]["stages"] == ["P", "D_t", "up_F", "SR_t"]
+
+    assert len(result["videos"]) == 2
+    for video in result["videos"]:
+        mp4, gif = (Path(f) for f in video["files"])
+        frames, fps = read_video(mp4)
+        assert frames.shape == (16, 3, 16, 16)  # 4 frames -> ↑F x5 -> 16, SR_t 8 -> 16 px
+        assert fps == pytest.approx(30.0)
+        with Image.open(gif) as image:
+            assert image.n_frames == 16
+        with Image.open(video["sheet"]) as sheet:
+            assert sheet.size == (8 * 16, 16)  # one row of 8 frames
+        assert Path(video["ablation_sheet"]).is_file()
+    samples = sorted((out / "samples").glob("*.pt"))
+    stored = torch.load(samples[0], weights_only=True)
+    assert {k: tuple(v.shape) for k, v in stored["frames"].items()} == {
+        "D_t": (4, 3, 8, 8), "up_F": (16, 3, 8, 8), "SR_t": (16, 3, 16, 16), "D_per_frame": (4, 3, 8, 8)}
+    assert stored["frames"]["SR_t"].dtype == torch.uint8
+    assert (out / "tb").is_dir() and any((out / "tb").iterdir())
+
+    # Run again through `mav evaluate`: every sample is reused, nothing generated or rewritten.
+    files = [*samples, *(out / "videos").iterdir(), *(out / "sheets").iterdir()]
+    mtimes = {f: f.stat().st_mtime_ns for f in files}
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a stored sample was generated again")
+
+    monkeypatch.setattr(ev, "generate_batch", no_generation)
+    again = ev.main(["--runs", str(runs), "--data", str(shapes_root), "--out", str(out), "--num-prompts", "2",
+                     "--num-frames", "4", "--quick", "--no-progress"])
+    assert again["run"]["reused"] == 2 and again["run"]["generated"] == 0
+    assert {f: f.stat().st_mtime_ns for f in files} == mtimes
+    assert again["metrics"]["fvd"]["value"] == ev.NO_I3D == "not computed: no I3D weights (--i3d PATH)"
+    for name in ("shapes/all", "coherence/D_t", "coherence/D_per_frame", "clipsim/suite_clip", "interp/psnr"):
+        assert again["metrics"][name]["value"] == metrics[name]["value"], name  # same samples, same seeds
+    printed = capsys.readouterr().out
+    assert "coherence/D_per_frame" in printed and str(out / "metrics.json") in printed
+
+    # Another seed is another sample: regenerated, not reused, and its media rewritten.
+    monkeypatch.undo()
+    third = ev.evaluate(runs, shapes_root, out, num_prompts=2, num_frames=4, quick=True, seed=1, progress=False)
+    assert third["run"]["generated"] == 2 and third["run"]["reused"] == 0
+    for video in third["videos"]:
+        mp4 = Path(video["files"][0])
+        assert mp4.stat().st_mtime_ns != mtimes.get(mp4)
+
+
+def test_missing_required_stage_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        ev.main(["--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "eval"), "--quick"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lightning fit --config experiments/prior.yaml" in err
+
+
+# ----------------------------------------------------------------------------------------------------- lightning test
+def test_lightning_test_with_eval_yaml(runs: Path, shapes_root: Path, tmp_path: Path) -> None:
+    cli = MAVCLI(args=[
+        "test", "--config", str(EXPERIMENTS / "eval.yaml"),
+        "--model.init_args.runs", str(runs), "--model.init_args.data", str(shapes_root),
+        "--model.init_args.num_frames", "4", "--model.init_args.steps", "1", "--model.init_args.eval_clips", "2",
+        "--data.init_args.data", str(shapes_root), "--data.init_args.num_prompts", "3",
+        "--data.init_args.batch_size", "2",
+        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.accelerator", "cpu",
+        "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",
+    ])
+    logged = cli.trainer.callback_metrics
+    for name in ("shapes/color", "coherence/D_t", "coherence/D_per_frame", "coherence/up_F", "clipsim/suite_clip",
+                 "interp/psnr", "sr/SR_l/gain", "sr/SR_t/psnr"):
+        assert name in logged and math.isfinite(float(logged[name])), name
+    assert "fvd" not in logged  # no I3D weights given
+    run_dir = tmp_path / "eval"
+    saved = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    assert saved["fvd"]["value"] == ev.NO_I3D and saved["sr/SR_h/psnr"]["value"].startswith("not trained")
+    assert sorted(p.name for p in (run_dir / "videos").glob("*.mp4")) == [
+        f"{i:05d}-{ev._slug(p)}.mp4" for i, p in enumerate(ev.load_prompts(data=shapes_root, num_prompts=3))]
+    assert any(run_dir.glob("events.out.tfevents*"))  # the TensorBoard scalars
+
+    # Same prompts, batches and seeds as `mav evaluate`: the same videos, so the same scores.
+    direct = ev.evaluate(runs, shapes_root, tmp_path / "direct", num_prompts=3, num_frames=4, steps=1, batch_size=2,
+                         eval_clips=2, progress=False)
+    for name in ("shapes/all", "coherence/D_t", "coherence/D_per_frame", "coherence/up_F", "clipsim/suite_clip"):
+        assert float(logged[name]) == pytest.approx(direct["metrics"][name]["value"], rel=1e-5, abs=1e-6), name

@@ -1,0 +1,223 @@
+"""The experiment configs through the real CLI: every YAML (and paper overlay) parses, every stage runs a
+fast_dev_run on the shapes fixture, the chain clip -> decoder -> dt -> interp (and sr_l -> sr_t) hands checkpoints
+down through init_from, and bad configs stop before training with one line naming the key.
+
+Everything runs in-process (`MAVCLI(args=...)`) under a temporary cwd, so `runs/` never lands in the repo; the
+YAMLs' CPU-demo sizes are shrunk to tiny networks with command-line overrides.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from lightning_mav.cli import MAVCLI, main
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+STAGES = ("clip", "prior", "decoder", "sr_l", "sr_h", "dt", "interp", "sr_t")
+PARENT = {"dt": "decoder", "interp": "dt", "sr_t": "sr_l"}  # init_from in the stage YAMLs
+
+TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1,
+                                             "head_width": 16},
+             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+TINY_UNET = {"dim": 8, "dim_mults": [1, 2], "num_res_blocks": 1, "attn_levels": [1], "heads": 2, "dim_head": 8,
+             "norm_groups": 4}
+TINY_SR_UNET = {"dim": 8, "dim_mults": [1, 2], "num_res_blocks": 1, "attn_levels": [], "mid_attn": False,
+                "norm_groups": 4}
+VIDEO_DATA = ["--data.init_args.num_frames", "4", "--data.init_args.video_size", "32"]
+# What shrinks each stage YAML to a few seconds on a CPU (the architecture of dt / interp / sr_t comes from the parent)
+TINY: dict[str, list[str]] = {
+    "clip": ["--model.init_args.model_cfg", json.dumps(TINY_CLIP)],
+    "prior": ["--model.init_args.dim", "32", "--model.init_args.depth", "1", "--model.init_args.heads", "2",
+              "--model.init_args.dim_head", "16", "--model.init_args.sample_steps", "2"],
+    "decoder": ["--model.init_args.unet", json.dumps(TINY_UNET), "--model.init_args.sample_steps", "2"],
+    "sr_l": ["--model.init_args.unet", json.dumps(TINY_SR_UNET), "--model.init_args.lowres_size", "16",
+             "--model.init_args.highres_size", "32", "--data.init_args.image_size", "32",
+             "--model.init_args.sample_steps", "2"],
+    "sr_h": ["--model.init_args.unet", json.dumps(TINY_SR_UNET), "--model.init_args.lowres_size", "8",
+             "--model.init_args.highres_size", "32", "--model.init_args.crop_size", "16",
+             "--data.init_args.image_size", "32", "--model.init_args.sample_steps", "2"],
+    "dt": ["--model.init_args.sample_steps", "2", *VIDEO_DATA],
+    "interp": ["--model.init_args.sample_steps", "2", "--model.init_args.num_frames", "4",
+               "--model.init_args.skips", "[2, 3]", *VIDEO_DATA],
+    "sr_t": ["--model.init_args.lowres_size", "16", "--model.init_args.highres_size", "32",
+             "--model.init_args.sample_steps", "2", *VIDEO_DATA],
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a small shared CPU two spin-waiting threads run these tiny steps ~20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fit_args(stage: str, shapes_root: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", str(EXPERIMENTS / f"{stage}.yaml"), "--data.init_args.root", str(shapes_root),
+            "--data.init_args.batch_size", "2", "--data.init_args.shuffle_buffer", "8",
+            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", *TINY[stage], *extra]
+
+
+# ------------------------------------------------------------------------------------------------ configs parse
+def printed_config(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    with pytest.raises(SystemExit) as exit_:
+        MAVCLI(args=[*args, "--print_config"])
+    assert exit_.value.code in (None, 0)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in EXPERIMENTS.glob("*.yaml") if p.name != "base.yaml"))
+def test_every_stage_yaml_parses(config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    subcommand = "test" if config == "eval.yaml" else "fit"
+    cfg = printed_config([subcommand, "--config", str(EXPERIMENTS / config)], capsys)
+    own = yaml.safe_load((EXPERIMENTS / config).read_text())
+    assert cfg["model"]["class_path"] == own["model"]["class_path"]
+    assert cfg["data"]["class_path"] == own["data"]["class_path"]
+    for key, value in (own["model"].get("init_args") or {}).items():  # the YAML's values win over defaults
+        assert cfg["model"]["init_args"][key] == value, key
+    if subcommand == "fit":  # base.yaml underneath: TensorBoard under runs/, seeded, EMA and checkpoints
+        assert cfg["trainer"]["logger"]["init_args"]["save_dir"] == "runs" and cfg["seed_everything"] == 0
+        kinds = {cb["class_path"].rsplit(".", 1)[-1] for cb in cfg["trainer"]["callbacks"]}
+        assert {"ModelCheckpoint", "EMAWeightAveraging", "LearningRateMonitor", "MediaLogger"} <= kinds
+        assert cfg["trainer"]["plugins"][0]["class_path"] == "lightning_mav.callbacks.AtomicCheckpointIO"
+
+
+@pytest.mark.parametrize("overlay", sorted(p.name for p in (EXPERIMENTS / "paper").glob("*.yaml")))
+def test_every_paper_overlay_parses_on_its_stage(overlay: str, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = printed_config(["fit", "--config", str(EXPERIMENTS / overlay), "--config",
+                          str(EXPERIMENTS / "paper" / overlay)], capsys)
+    own = yaml.safe_load((EXPERIMENTS / "paper" / overlay).read_text())
+    assert cfg["trainer"]["precision"] == own["trainer"]["precision"] == "bf16-mixed"
+    assert cfg["trainer"]["max_steps"] == own["trainer"]["max_steps"]
+    for key, value in own["data"]["init_args"].items():
+        assert cfg["data"]["init_args"][key] == value, key
+    assert cfg["data"]["init_args"]["urls"] == "???"  # the user's shards: required, refused until given
+
+
+# --------------------------------------------------------------------------------------------------- the chain
+@pytest.fixture(scope="module")
+def chain(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """clip -> decoder -> dt -> interp and sr_l -> sr_t, 2 steps each, with the YAMLs' own relative parent paths
+    (runs/<parent>/checkpoints/last.ckpt) resolved under one temporary cwd."""
+    root = tmp_path_factory.mktemp("chain")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        models = {}
+        for stage in ("clip", "decoder", "dt", "interp", "sr_l", "sr_t"):
+            cli = MAVCLI(args=fit_args(stage, shapes_root, "--trainer.max_steps", "2",
+                                       "--trainer.val_check_interval", "2"))
+            assert cli.trainer.global_step == 2
+            models[stage] = cli.model
+    torch.set_num_threads(threads)
+    yield {"root": root, "models": models}
+
+
+@pytest.mark.parametrize("child", ["dt", "interp", "sr_t"])
+def test_chain_children_start_from_their_parents(chain: dict[str, Any], child: str) -> None:
+    root, model = chain["root"], chain["models"][child]
+    parent_ckpt = root / "runs" / PARENT[child] / "checkpoints" / "last.ckpt"
+    report = model.init_report
+    assert report is not None and report.ok and Path(report.path) == Path("runs") / PARENT[child] / "checkpoints" / \
+        "last.ckpt"
+    assert report.loaded and report.new and report.source == "EMA state_dict"  # the parent's EMA weights
+    new_kind = {"dt": ("temporal", "fps_"), "interp": ("extra_in",), "sr_t": ("temporal",)}[child]
+    assert all(any(k in name for k in new_kind) for name in report.new), report.new
+    # the child's own checkpoint is complete: loads with weights_only=True, needs no parent file, inherits the config
+    ckpt = torch.load(root / "runs" / child / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    assert hp["init_from"] is None and hp["parent_ckpt"] == str(Path("runs") / PARENT[child] / "checkpoints" /
+                                                               "last.ckpt")
+    parent_hp = torch.load(parent_ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert hp["unet"]["dim"] == parent_hp["unet"]["dim"] == 8 and hp["unet"]["temporal"] is True
+    assert ckpt["global_step"] == 2 and "current_model_state" in ckpt  # EMA run: raw weights kept apart
+
+
+def test_chain_media_and_tensorboard_folders(chain: dict[str, Any]) -> None:
+    runs = chain["root"] / "runs"
+    for stage in ("clip", "decoder", "dt", "interp", "sr_l", "sr_t"):
+        assert list((runs / stage).glob("events.out.tfevents.*")) and (runs / stage / "config.yaml").is_file()
+    assert list((runs / "decoder" / "media").glob("*.png"))  # image stage: PNG
+    for video_stage in ("dt", "interp", "sr_t"):  # video stages: mp4 + contact sheet
+        assert list((runs / video_stage / "media").glob("*.mp4")) and list((runs / video_stage / "media").glob("*.png"))
+
+
+# ---------------------------------------------------------------------------------------------- fast_dev_run
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_runs_fast_dev_run(stage: str, chain: dict[str, Any], shapes_root: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = chain["root"] / "runs"
+    extra = ["--trainer.fast_dev_run", "1"]
+    if stage in ("prior", "decoder", "dt", "interp"):
+        extra += ["--model.init_args.clip_ckpt", str(runs / "clip" / "checkpoints" / "last.ckpt")]
+    if stage in PARENT:
+        extra += ["--model.init_args.init_from", str(runs / PARENT[stage] / "checkpoints" / "last.ckpt")]
+    monkeypatch.chdir(tmp_path)
+    cli = MAVCLI(args=fit_args(stage, shapes_root, *extra))
+    assert cli.trainer.global_step == 1 and cli.trainer.ckpt_path is None
+    # a smoke test leaves nothing behind: no checkpoint (Lightning's ModelCheckpoint writes ./checkpoints/last.ckpt at
+    # the end of a fast_dev_run unless the CLI drops it), no media in the cwd
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "media").exists()
+
+
+# -------------------------------------------------------------------------------------------------- bad configs
+def bad_yaml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+BAD = {
+    "unknown key": (lambda t: ["--config", str(EXPERIMENTS / "decoder.yaml"), "--model.init_args.nosuch", "1"],
+                    "error: model.init_args.nosuch: unknown key"),
+    "unknown key in a YAML": (lambda t: ["--config", str(EXPERIMENTS / "decoder.yaml"), "--config",
+                                         bad_yaml(t, "trainer:\n  max_stepz: 3\n")],
+                              "error: trainer.max_stepz: unknown key"),
+    "unknown network option": (lambda t: ["--config", str(EXPERIMENTS / "sr_l.yaml"), "--model.init_args.unet",
+                                          '{"dimm": 8}'],
+                               "error: model.init_args.unet.dimm: unknown key"),
+    "wrong type": (lambda t: ["--config", str(EXPERIMENTS / "decoder.yaml"), "--trainer.max_steps", "many"],
+                   "error: trainer.max_steps: expected int"),
+    "wrong type in a YAML": (lambda t: ["--config", str(EXPERIMENTS / "decoder.yaml"), "--config",
+                                        bad_yaml(t, "data:\n  init_args:\n    batch_size: lots\n")],
+                             "error: data.init_args.batch_size: expected int"),
+    "missing required value": (lambda t: ["--config", str(EXPERIMENTS / "sr_l.yaml"), "--config",
+                                          str(EXPERIMENTS / "paper" / "sr_l.yaml")],
+                               "error: data.init_args.urls: missing required value"),
+    "missing parent checkpoint": (lambda t: ["--config", str(EXPERIMENTS / "dt.yaml"), "--model.init_args.clip_ckpt",
+                                             "null"],
+                                  "error: model.init_args.init_from: checkpoint not found: "
+                                  "runs/decoder/checkpoints/last.ckpt — run `lightning fit --config "
+                                  "experiments/decoder.yaml` first"),
+    "missing clip checkpoint": (lambda t: ["--config", str(EXPERIMENTS / "prior.yaml")],
+                                "error: model.init_args.clip_ckpt: CLIP checkpoint not found: "
+                                "runs/clip/checkpoints/last.ckpt — run `lightning fit --config experiments/clip.yaml` "
+                                "first"),
+    "config file does not exist": (lambda t: ["--config", str(EXPERIMENTS / "nosuch.yaml")],
+                                   "error: config: "),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_config_fails_before_training_with_one_line(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    make_args, expected = BAD[case]
+    args = make_args(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("Seed set")]
+    assert len(lines) == 1 and lines[0].startswith(expected), err
+    assert not (tmp_path / "runs").exists()  # nothing was built or trained
