@@ -32,6 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 MiB = 1024 * 1024
 
 
@@ -136,6 +137,23 @@ def machine_line(info: dict[str, Any], load_seen: Sequence[float] = ()) -> str:
     return (f"{info['date']}, {info['cpu']}, {info['cores']} cores (load average {load} while measuring: the "
             f"machine was shared), torch {info['torch']}, Python {info['python']}, {info['threads']} "
             f"intra-op thread(s).")
+
+
+# ------------------------------------------------------------------------------------------------- demo configs
+def init_args(name: str) -> dict[str, Any]:
+    """``model.init_args`` of ``experiments/<name>.yaml`` (the demo-sized stage configs)."""
+    import yaml
+
+    return dict(yaml.safe_load((EXPERIMENTS / f"{name}.yaml").read_text())["model"]["init_args"])
+
+
+def demo_dt_unet() -> dict[str, Any]:
+    """The demo D_t U-Net: D's config (decoder.yaml) updated with D_t's changes (dt.yaml), CLIP embedding width."""
+    from lightning_mav.nn.clip import resolve_config
+
+    unet = {**init_args("decoder")["unet"], **init_args("dt")["unet"]}
+    unet.setdefault("image_embed_dim", resolve_config("mav-tiny")["embed_dim"])
+    return unet
 
 
 # ------------------------------------------------------------------------------------------------- output

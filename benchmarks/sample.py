@@ -34,15 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from benchmarks.common import (
-    add_common_args, apply_preset, configure_threads, fmt, machine, machine_line, md_table, mode_flag, save_json,
-    write_section,
+    add_common_args, apply_preset, configure_threads, fmt, init_args, machine, machine_line, md_table, mode_flag,
+    save_json, write_section,
 )
 
 SECTION = "## Sampling"
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 PRESETS = {
     "quick": dict(steps=1, reps=1, threads=1),
     "default": dict(steps=2, reps=1, threads=1),
@@ -50,11 +48,6 @@ PRESETS = {
 }
 TARGET_STEPS = 50
 STAGE_LABELS = {"P": "P (prior)", "D_t": "D_t", "up_F": "↑F (skip 5)", "SR_t": "SR_t", "SR_h": "SR_h (per frame)"}
-
-
-def init_args(name: str) -> dict[str, Any]:
-    """``model.init_args`` of ``experiments/<name>.yaml``."""
-    return dict(yaml.safe_load((EXPERIMENTS / f"{name}.yaml").read_text())["model"]["init_args"])
 
 
 def _drop(d: dict[str, Any], *keys: str) -> dict[str, Any]:

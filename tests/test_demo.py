@@ -1,0 +1,27 @@
+"""`mav demo --quick` end to end (slow: every stage of the chain at the demo's sizes, a few steps each)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightning_mav.media import read_video
+
+
+@pytest.mark.slow
+def test_quick_demo_trains_the_chain_and_writes_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_mav.demo import CHAIN, run_demo
+
+    monkeypatch.chdir(tmp_path)
+    report = run_demo(data=Path("data/shapes"), quick=True, num_prompts=1)
+    for stage, _, _ in CHAIN:
+        assert (tmp_path / "runs" / stage / "checkpoints" / "last.ckpt").is_file(), stage
+        assert (tmp_path / "runs" / stage / "DONE").is_file(), stage
+    text = report.read_text()
+    assert "## Metrics" in text and "shapes/color" in text and "coherence/D_t" in text
+    (mp4,) = (tmp_path / "runs" / "demo" / "videos").glob("*.mp4")
+    frames, fps = read_video(mp4)
+    assert frames.shape[0] == 76 and fps > 0
+    # a second run skips every finished stage
+    assert run_demo(data=Path("data/shapes"), quick=True, num_prompts=1) == report
