@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from lightning_mav.malloc import keep_freed_memory
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 MiB = 1024 * 1024
@@ -204,10 +206,16 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--write", action="store_true", help="replace this benchmark's section of RESULTS.md")
     parser.add_argument("--json", default=None, help="also dump the raw measurements to this file")
     parser.add_argument("--from-json", default=None, help="re-render the report of an earlier --json dump (no run)")
+    parser.add_argument("--malloc", choices=["default", "heap"], default="default",
+                        help="heap: keep freed memory in glibc's heap, as the mav/lightning commands do (lightning_mav.malloc); "
+                             "default: glibc's defaults")
 
 
 def apply_preset(args: argparse.Namespace, presets: dict[str, dict[str, Any]]) -> argparse.Namespace:
     """Fill every option left at ``None`` from the ``quick``/``default``/``full`` preset."""
+    if getattr(args, "malloc", "default") == "heap" and not getattr(args, "from_json", None):
+        os.environ.pop("MAV_MALLOC", None)
+        keep_freed_memory()
     preset = presets["quick" if args.quick else "full" if args.full else "default"]
     for key, value in preset.items():
         if getattr(args, key, None) is None:
@@ -216,4 +224,5 @@ def apply_preset(args: argparse.Namespace, presets: dict[str, dict[str, Any]]) -
 
 
 def mode_flag(args: argparse.Namespace) -> str:
-    return " --quick" if args.quick else " --full" if args.full else ""
+    return (" --quick" if args.quick else " --full" if args.full else "") + (
+        " --malloc heap" if getattr(args, "malloc", "default") == "heap" else "")

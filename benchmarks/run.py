@@ -4,10 +4,10 @@
 2. :mod:`benchmarks.frames_scaling` — step time at F = 8, 16, 32, 64, factorised vs full 3-D attention;
 3. :mod:`benchmarks.sample` — one 16-frame video through every stage of the pipeline.
 
-The default run takes about 10 minutes on the shared 2-core CPU (``--quick``: about 3); ``--full`` runs the
-reference configurations (16x64x64 training step: the better part of an hour there). ``--write`` replaces the
-"## D_t training step vs peers", "## Frame scaling", "## Sampling" and "## GPU" sections of
-``benchmarks/RESULTS.md``, keeping every other section. ``--json DIR`` keeps the raw measurements.
+The default run takes about 8 minutes on the shared 2-core CPU (``--quick``: about 3); ``--full`` runs the
+reference configurations (16x64x64 training step, 64x64 frame scaling, 50 real DDIM steps per stage: about an hour
+there). ``--write`` replaces the "## D_t training step vs peers", "## Frame scaling", "## Sampling" and "## GPU"
+sections of ``benchmarks/RESULTS.md``, keeping every other section. ``--json DIR`` keeps the raw measurements.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def gpu_section() -> str:
             "training (batch >= 8) and the pipeline's GPU sample time are not reported. What is in place for a GPU "
             "run: the paper-scale configs train with `precision: bf16-mixed` (`experiments/paper/*.yaml`), the "
             "pipeline samples under bf16 autocast on CUDA (`MakeAVideoPipeline(dtype='auto')`), stages use fused "
-            "AdamW on CUDA, attention is `scaled_dot_product_attention` throughout (flash / memory-efficient kernels "
+            "AdamW, attention is `scaled_dot_product_attention` throughout (flash / memory-efficient kernels "
             "on GPU), and `unet.channels_last` (NHWC, cuDNN's preferred layout) is available but unmeasured on GPU.")
 
 

@@ -189,7 +189,10 @@ def report(res: dict[str, Any]) -> str:
         f"One prompt, 16 frames from D_t, fp32 on the CPU, random weights (timing only), DDIM; median of {len(runs)} "
         "run(s) after a 1-step warm-up call. Per-stage times are measured inside the same `MakeAVideoPipeline` call "
         "as the whole; *calls* = network evaluations, *batch* = items per call (2 = both guidance branches in one "
-        "batch). The whole call also encodes the prompt and moves tensors: "
+        "batch). "
+        + ("C allocator: glibc keeps freed memory in its heap (`--malloc heap`). " if "--malloc heap" in res["command"]
+           else "C allocator: glibc defaults. ")
+        + "The whole call also encodes the prompt and moves tensors: "
         f"{total_cpu - stage_sum_cpu:.1f} CPU-s outside the stages."
         + (f" The *{TARGET_STEPS} steps* columns are projections ({TARGET_STEPS} x the measured time per step; run "
            "`--full` to measure them)." if project else ""),
@@ -208,15 +211,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def notes(results: list[dict[str, Any]]) -> list[str]:
+    """What the tables show (numbers from the results)."""
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    r = results[0]
+    stage_cpu = {n: med([run["stages"][n][1] for run in r["runs"]]) for n in r["runs"][0]["stages"]}
+    total = sum(stage_cpu.values())
+    share = ", ".join(f"{STAGE_LABELS[n].split(' ')[0]} {100 * c / total:.0f}%" for n, c in stage_cpu.items())
+    out = [f"- Where the time goes (CPU time): {share}. The super-resolution stages dominate: they run on all 76 "
+           "frames ↑F makes, SR_h at 128² per frame; D_t and P are cheap at the demo sizes even with guidance."]
+    measured = [x for x in results if set(x["steps"].values()) == {TARGET_STEPS} and "--malloc heap" not in x["command"]]
+    projected = [x for x in results if TARGET_STEPS not in x["steps"].values() and "--malloc heap" not in x["command"]]
+    if measured and projected:
+        m = med([run["total"][1] for run in measured[0]["runs"]])
+        pr = projected[0]
+        proj = sum(med([run["stages"][n][1] for run in pr["runs"]]) / pr["steps"][n] * TARGET_STEPS
+                   for n in pr["runs"][0]["stages"])
+        out.append(f"- The default run's {TARGET_STEPS}-step projection ({proj:.0f} CPU-s) and the measured "
+                   f"{TARGET_STEPS}-step run ({m:.0f} CPU-s) agree within {100 * abs(proj - m) / m:.0f}%: a DDIM step "
+                   "is one network call, so the short default run predicts the long one.")
+    heap = [x for x in results[1:] if "--malloc heap" in x["command"]]
+    if heap:
+        h = heap[0]
+        same = [x for x in results if "--malloc heap" not in x["command"] and x["steps"] == h["steps"]]
+        r = same[0] if same else r
+
+        def per_step(x: dict[str, Any]) -> float:
+            return sum(med([run["stages"][n][1] for run in x["runs"]]) / x["steps"][n] for n in x["runs"][0]["stages"])
+        out.append(
+            f"- As in training (see Frame scaling), glibc's default handling of large tensors costs a lot here: "
+            f"with `--malloc heap` one DDIM step of every stage together takes {per_step(h):.1f} CPU-s instead of "
+            f"{per_step(r):.1f} ({per_step(r) / per_step(h):.2f}x faster; the two runs side by side, same steps); "
+            "SR_h's and SR_t's activations (76 frames at 128² and 64²) are the largest tensors of the pipeline.")
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = apply_preset(build_parser().parse_args(argv), PRESETS)
-    res = json.loads(Path(args.from_json).read_text()) if args.from_json else run(args)
-    body = report(res)
+    if args.from_json:  # several dumps (comma-separated): one table each, in one section
+        results = [json.loads(Path(p).read_text()) for p in args.from_json.split(",")]
+    else:
+        results = [run(args)]
+    body = "\n\n".join(report(r) for r in results)
+    why = notes(results)
+    body += "\n\nNotes:\n\n" + "\n".join(why)
     print("\n" + SECTION + "\n\n" + body, flush=True)
-    save_json(args.json, res)
+    save_json(args.json, results[0])
     if args.write:
         write_section(SECTION, body)
-    return res
+    return results[0]
 
 
 if __name__ == "__main__":

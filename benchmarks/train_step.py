@@ -3,7 +3,7 @@
 Cases (fp32, CPU, video ``[B, 3, F, S, S]``, default B=1):
 
 - **ours** — ``DecoderStage.compute_loss`` + the optimizer of ``DecoderStage.configure_optimizers`` (AdamW,
-  foreach on CPU): exactly what Lightning runs per step, minus logging. U-Net ``dim 64, mults 1-2-4-8,
+  fused): exactly what Lightning runs per step, minus logging. U-Net ``dim 64, mults 1-2-4-8,
   2 res blocks per level, attention (spatial + temporal, 8 heads x 64) at the last level and in the middle``,
   conditioned on a 256-d image embedding (4 context tokens) and fps.
 - **ours + checkpointing** — the same with ``unet.checkpointing=True`` (every block recomputed in backward).
@@ -60,11 +60,11 @@ OURS_UNET: dict[str, Any] = dict(dim=64, dim_mults=(1, 2, 4, 8), num_res_blocks=
                                  heads=8, dim_head=64, image_embed_dim=EMBED_DIM, num_image_tokens=CONTEXT_TOKENS,
                                  temporal=True, fps_cond=True)
 ALL_MODELS = ("ours", "ours-ckpt", "stu", "stu-tc", "unet3d")
-ABLATIONS = ("ours-before", "ours-im2col", "ours-direct-up", "ours-fused")
+ABLATIONS = ("ours-before", "ours-im2col", "ours-direct-up", "ours-foreach")
 LABELS = {"ours": "ours (D_t)", "ours-ckpt": "ours + checkpointing", "ours-compile": "ours + torch.compile",
           "ours-before": "ours, before (time-im2col temporal conv, nearest+3x3 upsample)",
           "ours-im2col": "ours with the time-im2col temporal conv", "ours-direct-up": "ours with nearest+3x3 upsample",
-          "ours-fused": "ours with fused AdamW (not the stages' default on CPU)",
+          "ours-foreach": "ours with foreach AdamW (the stages' CPU optimizer before fused)",
           "stu": "SpaceTimeUnet", "stu-tc": "SpaceTimeUnet, temporal compression",
           "unet3d": "UNet3DConditionModel"}
 
@@ -140,6 +140,42 @@ def with_patches(name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
             for cls, attr, impl in saved:
                 setattr(cls, attr, impl)
     return patched
+
+
+def layer_ablations(frames: int = 16, reps: int = 5) -> list[dict[str, Any]]:
+    """The two changed layers alone, before vs after, at the shapes of the matched U-Net (64x64 input): min CPU ms
+    of forward + backward over ``reps`` interleaved runs, and the GFLOP of each form."""
+    from lightning_mav.nn.p3d import TemporalConv
+    from lightning_mav.nn.unet import Upsample
+
+    torch.manual_seed(0)
+    out = []
+    cases = [("temporal conv", c, side, TemporalConv(c), _im2col_temporal_forward, TemporalConv.forward)
+             for c, side in ((64, 64), (128, 32), (256, 16), (512, 8))]
+    cases += [("upsample", c, side, Upsample(c, temporal=False), _direct_upsample_forward, Upsample.forward)
+              for c, side in ((128, 32), (256, 16), (512, 8))]
+    for kind, c, side, layer, before, after in cases:
+        for p in layer.parameters():
+            nn.init.normal_(p, std=0.05)
+        x = torch.randn(frames, c, side, side, requires_grad=True)
+        times: dict[str, list[float]] = {"before": [], "after": []}
+        flops = {}
+        for rep in range(reps + 1):
+            for label, impl in (("before", before), ("after", after)):
+                def run() -> None:
+                    y = impl(layer, x, frames)
+                    y.backward(torch.ones_like(y))
+                if rep == 0:
+                    flops[label] = count_flops(run)
+                else:
+                    times[label].append(timed(run)[1])
+                x.grad = None
+                layer.zero_grad(set_to_none=True)
+        out.append(dict(layer=kind, channels=c, side=side, frames=frames, before_ms=1e3 * min(times["before"]),
+                        after_ms=1e3 * min(times["after"]), before_gflop=flops["before"], after_gflop=flops["after"]))
+        print(f"  layer {kind} C={c} {side}x{side}: {out[-1]['before_ms']:.0f} -> {out[-1]['after_ms']:.0f} ms",
+              flush=True)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- model builders
@@ -218,9 +254,9 @@ def make_case(name: str, b: int, f: int, s: int, unet: dict[str, Any]) -> Case:
     video = torch.rand(b, f, 3, s, s) * 2 - 1
     if name.startswith("ours"):
         stage, optimizer = shared_ours(unet)
-        if name == "ours-fused":  # what stages/base.py would run with fused AdamW on the CPU (own moments)
+        if name == "ours-foreach":  # the CPU optimizer stages/base.py used before fused (own moments)
             groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
-            optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=stage.betas, fused=True)
+            optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=stage.betas, foreach=True)
         network = torch.compile(_SHARED["eager"]) if name == "ours-compile" else _SHARED["eager"]
         batch = {"video": video, "fps": torch.full((b,), 8.0), "image_embed": torch.randn(b, unet["image_embed_dim"])}
 
@@ -323,10 +359,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             shapes = [p.shape for p in UNet(**unet).parameters()]
         adamw = adamw_variants([nn.Parameter(torch.randn(shape)) for shape in shapes])
 
+    layers = layer_ablations() if args.ablations else []
+
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     result = {
         "machine": machine(), "loads": loads, "config": dict(batch=b, frames=f, size=s, threads=threads),
-        "gemm_gflops_wall": med(gemm_wall), "gemm_gflops_cpu": med(gemm_cpu), "adamw_s": adamw,
+        "gemm_gflops_wall": med(gemm_wall), "gemm_gflops_cpu": med(gemm_cpu), "adamw_s": adamw, "layers": layers,
         "cases": [dict(name=c.name, label=c.label, params=c.params, gflop=c.gflop, wall=c.timing.wall, cpu=c.timing.cpu,
                        mem_mib=c.mem, resident_mib=c.resident_mib, first_step_s=c.first_step_s) for c in cases],
         "unet": unet, "command": f"python -m benchmarks.train_step{mode_flag(args)}"
@@ -364,6 +402,11 @@ def report(res: dict[str, Any]) -> str:
                       "% of GEMM (wall)", "GFLOP per CPU-s", "% of GEMM (CPU)", "step peak (MiB)",
                       "total: + weights & AdamW (MiB)"], rows)
     lines = [
+        "Model benchmarks: `python -m benchmarks.run` runs the three below in one go (about 8 minutes on the shared "
+        "2-core CPU; `--quick` about 3, `--full` the reference sizes used for these tables, about an hour); each "
+        "section's first line is the exact command of its table (`--write` regenerates the section, `--json` keeps "
+        "the raw numbers, `--from-json` re-renders them).",
+        "",
         f"`{res['command']}` — {machine_line(res['machine'], res['loads'])}",
         "",
         f"fp32, batch {cfg['batch']}, {cfg['frames']}x{cfg['size']}x{cfg['size']} video, one training step = forward + "
@@ -406,6 +449,14 @@ def report(res: dict[str, Any]) -> str:
                       "(same run, interleaved):", "",
                   md_table(["variant", "CPU-s/step", "s/step (wall)", "step peak (MiB)", "GFLOP/step",
                             "its time / ours (CPU)", "ours / its step peak"], rows)]
+    if res.get("layers"):
+        rows = [[r["layer"], f"{r['frames']} x {r['channels']} x {r['side']}²", fmt(r["before_gflop"], 1),
+                 fmt(r["after_gflop"], 1), fmt(r["before_ms"], 0), fmt(r["after_ms"], 0),
+                 fmt(r["before_ms"] / r["after_ms"]) + "x"] for r in res["layers"]]
+        lines += ["", "The same two changes layer by layer (forward + backward, 1 thread, min CPU ms of 5 interleaved "
+                      "runs; input shape frames x channels x side², the shapes of the matched U-Net at 16x64x64):", "",
+                  md_table(["layer", "input", "GFLOP before", "GFLOP after", "ms before", "ms after", "speed-up"],
+                           rows, align="llrrrrr")]
     if "ours-ckpt" in st and "ours" in st:
         o, k = st["ours"], st["ours-ckpt"]
         lines += ["", f"Gradient checkpointing (`unet.checkpointing: true`): step time x{k['cpu'] / o['cpu']:.2f} "
@@ -482,16 +533,19 @@ def notes(res: dict[str, Any]) -> list[str]:
             f"{o['mem'] / k['mem']:.1f}x and the total to {k['total'] / p['total']:.2f}x SpaceTimeUnet's, for "
             f"{k['cpu'] / o['cpu']:.2f}x the step time, which is then {k['cpu'] / p['cpu']:.2f}x SpaceTimeUnet's "
             "(slower than it). The memory target is met with checkpointing, the speed target with neither.")
-    if "ours-fused" in st:
-        fz = st["ours-fused"]
+    out.append(
+        "- **Attention** is `F.scaled_dot_product_attention` everywhere in the U-Net (spatial attention with the "
+        "context tokens in the same call, temporal attention) and in the prior P; the profiler shows the CPU flash "
+        "kernel (`_scaled_dot_product_flash_attention_for_cpu`) for every call, about 1% of the matched step "
+        "(attention sits at 8x8). SpaceTimeUnet's default path is einsum attention with a learned position bias.")
+    if "ours-foreach" in st:
+        fe = st["ours-foreach"]
         out.append(
-            f"- **AdamW.** The stages use foreach AdamW on the CPU (fused on CUDA). On this CPU fused AdamW is "
+            f"- **AdamW.** The stages use fused AdamW (CPU and CUDA). On this CPU fused AdamW is "
             f"{res['adamw_s'].get('foreach', float('nan')) / res['adamw_s'].get('fused', float('nan')):.1f}x faster "
             f"than foreach for the optimizer step alone ({res['adamw_s'].get('foreach', float('nan')):.2f} s vs "
             f"{res['adamw_s'].get('fused', float('nan')):.2f} s for {cases['ours']['params'] / 1e6:.0f}M parameters) "
-            f"and the whole step measured {100 * (1 - fz['cpu'] / o['cpu']):.0f}% faster with it: "
-            "`lightning_mav/stages/base.py` should pass `fused=True` on the CPU too (torch >= 2.4); not changed here "
-            "(not this benchmark's file).")
+            f"and the whole step measured {100 * (fe['cpu'] / o['cpu'] - 1):.0f}% slower with foreach.")
     return out
 
 
@@ -513,9 +567,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = apply_preset(build_parser().parse_args(argv), PRESETS)
-    res = json.loads(Path(args.from_json).read_text()) if args.from_json else run(args)
+    if args.from_json:  # the first dump makes the section; later ones (e.g. a --compile run) add their findings
+        results = [json.loads(Path(p).read_text()) for p in args.from_json.split(",")]
+    else:
+        results = [run(args)]
+    res = results[0]
     body = report(res) + "\n\nTargets:\n\n" + "\n".join(targets(res))
-    why = notes(res)
+    compiled = [line for extra in results[1:] for line in compile_notes(extra)]
+    why = notes(res) + compiled
     if why:
         body += "\n\nWhy:\n\n" + "\n".join(why)
     print("\n" + SECTION + "\n\n" + body, flush=True)
@@ -523,6 +582,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.write:
         write_section(SECTION, body)
     return res
+
+
+#: what was seen when --compile was tried on the matched U-Net (2026-11-25, this 2-core CPU)
+COMPILE_MATCHED = ("On the matched U-Net (86.5M parameters) a first `--compile` attempt at 4x16x16 ran 17 minutes and "
+                   "reached 8 GB of resident memory without finishing its first step, and was stopped.")
+
+
+def compile_notes(res: dict[str, Any]) -> list[str]:
+    """One line on ``torch.compile`` from a run with ``--compile``."""
+    cases = {c["name"]: c for c in res["cases"]}
+    if "ours-compile" not in cases or "ours" not in cases:
+        return []
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    e, k = cases["ours"], cases["ours-compile"]
+    cfg = res["config"]
+    return [f"- **torch.compile** (`{res['command']}`, {cfg['frames']}x{cfg['size']}x{cfg['size']}): the first step "
+            f"(compilation, inductor on the CPU) took {k['first_step_s']:.0f} s wall, then "
+            f"{med(k['cpu']):.2f} vs {med(e['cpu']):.2f} CPU-s per step eager ({med(e['cpu']) / med(k['cpu']):.2f}x), "
+            f"step peak {med(k['mem_mib']):.0f} vs {med(e['mem_mib']):.0f} MiB. Optional, not the default: "
+            + (f"the compilation costs more than it saves in any run shorter than "
+               f"{k['first_step_s'] / (med(e['cpu']) - med(k['cpu'])):.0f} steps. "
+               if med(e["cpu"]) > 1.02 * med(k["cpu"]) else "no measurable saving to pay its compilation back. ")
+            + COMPILE_MATCHED]
 
 
 if __name__ == "__main__":

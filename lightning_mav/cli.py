@@ -21,6 +21,8 @@ from typing import Any, Iterator
 
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from lightning_mav.malloc import keep_freed_memory
+
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 BASE_CONFIG = EXPERIMENTS / "base.yaml"
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
@@ -185,6 +187,7 @@ def _command(name: str):  # imported lazily: `mav fit` must not pay for the pipe
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``mav`` and ``lightning``."""
+    keep_freed_memory()  # video tensors: no mmap/munmap page faults per step (lightning_mav/malloc.py)
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("generate", "demo", "data", "evaluate"):
         _command(args[0])(args[1:])

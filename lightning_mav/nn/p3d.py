@@ -26,9 +26,10 @@ two GEMM forms beat both without leaving the folded layout. Script: see the sess
 Between the two GEMM forms, memory decides: time-im2col keeps its ``3C``-channel input for the weight gradient
 (three activation copies per temporal conv), the taps form keeps only ``x``. With the shift-add written as one
 autograd function (``_ShiftAddTaps``: its backward writes the taps' gradient in one buffer, instead of three
-zero-filled slice gradients), the taps form is also faster: D_t training step (dim 64, mults 1-2-4-8, 8x64x64,
-1 thread, median CPU time) 14.0 s -> 12.8 s and step peak memory 1.80 -> 1.48 GiB
-(``python -m benchmarks.train_step --ablations``, see ``benchmarks/RESULTS.md``). So ``TemporalConv`` computes
+zero-filled slice gradients), the taps form is also as fast or faster: per layer (16 frames, fwd+bwd, 1 thread)
+1.31x at 64 ch 64², 1.27x at 128 ch 32², 1.10x at 256 ch 16², equal at 512 ch 8²; in the D_t training step
+(dim 64, mults 1-2-4-8, 16x64x64) step peak memory 3041 -> 2267 MiB and 25.3 -> 22.6 CPU-s (median of 3,
+``python -m benchmarks.train_step --full --ablations``, ``benchmarks/RESULTS.md``). So ``TemporalConv`` computes
 the taps with one GEMM (a 1x1 conv in NCHW, a linear layer on the token view in channels_last) in both formats.
 
 Padding: zero 'same' padding. Both zero and replicate padding give the exact identity at init (the off-centre

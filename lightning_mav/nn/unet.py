@@ -109,8 +109,9 @@ class Upsample(nn.Module):
     ``4 * C_out`` 2x2 kernels on the low-resolution frames then does the work in 16 instead of 36 multiply-adds per
     low-resolution pixel and channel pair (2.25x fewer FLOPs), the same function up to float rounding, the same
     parameters (``conv.spatial`` stays a 3x3 ``nn.Conv2d``). Measured fwd+bwd, 16 frames, 1 thread, CPU time:
-    128 ch 32->64 1.07 s -> 0.71 s, 256 ch 16->32 0.82 s -> 0.50 s, 512 ch 8->16 0.80 s -> 0.67 s; D_t step
-    see ``benchmarks/RESULTS.md`` (``python -m benchmarks.train_step --ablations``).
+    128 ch 32->64 1.22 s -> 0.74 s, 256 ch 16->32 0.97 s -> 0.69 s, 512 ch 8->16 0.84 s -> 0.86 s (equal); the
+    matched D_t step (16x64x64) does 1401 -> 1316 GFLOP (``python -m benchmarks.train_step --full --ablations``,
+    ``benchmarks/RESULTS.md``).
     """
 
     def __init__(self, ch: int, temporal: bool) -> None:
