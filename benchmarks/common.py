@@ -206,14 +206,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--write", action="store_true", help="replace this benchmark's section of RESULTS.md")
     parser.add_argument("--json", default=None, help="also dump the raw measurements to this file")
     parser.add_argument("--from-json", default=None, help="re-render the report of an earlier --json dump (no run)")
-    parser.add_argument("--malloc", choices=["default", "heap"], default="default",
-                        help="heap: keep freed memory in glibc's heap, as the mav/lightning commands do (lightning_mav.malloc); "
-                             "default: glibc's defaults")
+    parser.add_argument("--malloc", choices=["default", "heap"], default="heap",
+                        help="heap (the default): keep freed memory in glibc's heap, as the mav/lightning commands do "
+                             "(lightning_mav.malloc); default: glibc's own defaults, what a plain Python script gets")
 
 
 def apply_preset(args: argparse.Namespace, presets: dict[str, dict[str, Any]]) -> argparse.Namespace:
     """Fill every option left at ``None`` from the ``quick``/``default``/``full`` preset."""
-    if getattr(args, "malloc", "default") == "heap" and not getattr(args, "from_json", None):
+    if getattr(args, "malloc", "heap") == "heap" and not getattr(args, "from_json", None):
         os.environ.pop("MAV_MALLOC", None)
         keep_freed_memory()
     preset = presets["quick" if args.quick else "full" if args.full else "default"]
@@ -225,4 +225,9 @@ def apply_preset(args: argparse.Namespace, presets: dict[str, dict[str, Any]]) -
 
 def mode_flag(args: argparse.Namespace) -> str:
     return (" --quick" if args.quick else " --full" if args.full else "") + (
-        " --malloc heap" if getattr(args, "malloc", "default") == "heap" else "")
+        " --malloc default" if getattr(args, "malloc", "heap") == "default" else "")
+
+
+def heap_malloc(res: dict[str, Any]) -> bool:
+    """Whether a result was measured with glibc keeping freed memory (``--malloc heap``, the default)."""
+    return "--malloc default" not in res["command"]

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks.common import (
-    Timing, add_common_args, apply_preset, configure_threads, count_flops, demo_dt_unet, fmt, gemm_rate, machine,
-    machine_line, md_table, mode_flag, save_json, timed, write_section,
+    Timing, add_common_args, apply_preset, configure_threads, count_flops, demo_dt_unet, fmt, gemm_rate, heap_malloc,
+    machine, machine_line, md_table, mode_flag, save_json, timed, write_section,
 )
 from benchmarks.train_step import OURS_UNET
 from lightning_mav.nn.p3d import Attn_P3D
@@ -190,8 +190,9 @@ def report(res: dict[str, Any]) -> str:
         f"frames, batch 1, fp32, one training step (forward, backward, AdamW); median of {len(res['points'][0]['cpu'])} "
         f"interleaved rounds after a warm-up round. *P3D*: the library's factorised attention; *3-D*: every attention "
         "replaced by joint attention over all F·H·W tokens (same weights). Ratios on CPU time (1 thread: load-independent). "
-        + ("C allocator: glibc told to keep freed memory in its heap (`--malloc heap`, see below)."
-           if "--malloc heap" in res["command"] else "C allocator: glibc defaults (what a plain Python script gets; the `mav`/`lightning` commands set `--malloc heap`'s behaviour at start-up)."),
+        + ("C allocator: glibc keeps freed memory in its heap, as in the `mav`/`lightning` commands (see below)."
+           if heap_malloc(res) else "C allocator: glibc's own defaults (`--malloc default`, what a plain Python "
+           "script gets; see below)."),
         "",
         md_table(hdr, rows),
     ]
@@ -224,8 +225,8 @@ def notes(results: list[dict[str, Any]]) -> list[str]:
            "temporal attention over F frames per pixel, is negligible at these sizes); joint 3-D attention adds a "
            "term in F² that dominates at 64 frames, the more so the more tokens its attention level has (8x8 at "
            "32², 16x16 at 64²)."]
-    default = [r for r in results if r["size"] == 64 and "--malloc heap" not in r["command"]]
-    heap = [r for r in results if r["size"] == 64 and "--malloc heap" in r["command"]]
+    default = [r for r in results if r["size"] == 64 and not heap_malloc(r)]
+    heap = [r for r in results if r["size"] == 64 and heap_malloc(r)]
     if default and heap:
         d, h = default[0], heap[0]
         pd = {(p["variant"], p["frames"]): p for p in d["points"]}
@@ -236,7 +237,7 @@ def notes(results: list[dict[str, Any]]) -> list[str]:
             "32-200 MiB, above glibc's mmap threshold (at most 32 MiB): each is a fresh mmap, unmapped on free, so "
             "every step page-faults all of them in again and the kernel zeroes them (a probe with getrusage counted "
             "2.8 million minor faults and 7.6-9.4 s of system time in a 17.5-21 s step at F=64, 0.02-0.04 s at F=8). With "
-            f"`--malloc heap` (glibc keeps freed memory for reuse: `mallopt`, or `MALLOC_MMAP_MAX_=0 "
+            f"glibc keeping freed memory for reuse (`--malloc heap`, the default: `mallopt`, or `MALLOC_MMAP_MAX_=0 "
             f"MALLOC_TRIM_THRESHOLD_=100000000000` in the environment) the same steps take "
             f"{_med(ph[('factorised', 64)]['cpu']):.1f} instead of {_med(pd[('factorised', 64)]['cpu']):.1f} CPU-s at "
             f"F=64 and the factorised ratio is {ratio(h, 'factorised'):.1f}x (joint 3-D: {ratio(h, 'full3d'):.1f}x). "

@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from benchmarks.common import (
-    add_common_args, apply_preset, configure_threads, fmt, init_args, machine, machine_line, md_table, mode_flag,
-    save_json, write_section,
+    add_common_args, apply_preset, configure_threads, fmt, heap_malloc, init_args, machine, machine_line, md_table,
+    mode_flag, save_json, write_section,
 )
 
 SECTION = "## Sampling"
@@ -190,8 +190,8 @@ def report(res: dict[str, Any]) -> str:
         "run(s) after a 1-step warm-up call. Per-stage times are measured inside the same `MakeAVideoPipeline` call "
         "as the whole; *calls* = network evaluations, *batch* = items per call (2 = both guidance branches in one "
         "batch). "
-        + ("C allocator: glibc keeps freed memory in its heap (`--malloc heap`). " if "--malloc heap" in res["command"]
-           else "C allocator: glibc defaults. ")
+        + ("C allocator: glibc keeps freed memory in its heap, as in the `mav`/`lightning` commands. "
+           if heap_malloc(res) else "C allocator: glibc's own defaults (`--malloc default`). ")
         + "The whole call also encodes the prompt and moves tensors: "
         f"{total_cpu - stage_sum_cpu:.1f} CPU-s outside the stages."
         + (f" The *{TARGET_STEPS} steps* columns are projections ({TARGET_STEPS} x the measured time per step; run "
@@ -220,8 +220,9 @@ def notes(results: list[dict[str, Any]]) -> list[str]:
     share = ", ".join(f"{STAGE_LABELS[n].split(' ')[0]} {100 * c / total:.0f}%" for n, c in stage_cpu.items())
     out = [f"- Where the time goes (CPU time): {share}. The super-resolution stages dominate: they run on all 76 "
            "frames ↑F makes, SR_h at 128² per frame; D_t and P are cheap at the demo sizes even with guidance."]
-    measured = [x for x in results if set(x["steps"].values()) == {TARGET_STEPS} and "--malloc heap" not in x["command"]]
-    projected = [x for x in results if TARGET_STEPS not in x["steps"].values() and "--malloc heap" not in x["command"]]
+    measured = [x for x in results if set(x["steps"].values()) == {TARGET_STEPS}]
+    projected = [x for x in results if measured and TARGET_STEPS not in x["steps"].values()
+                 and heap_malloc(x) == heap_malloc(measured[0])]
     if measured and projected:
         m = med([run["total"][1] for run in measured[0]["runs"]])
         pr = projected[0]
@@ -230,19 +231,18 @@ def notes(results: list[dict[str, Any]]) -> list[str]:
         out.append(f"- The default run's {TARGET_STEPS}-step projection ({proj:.0f} CPU-s) and the measured "
                    f"{TARGET_STEPS}-step run ({m:.0f} CPU-s) agree within {100 * abs(proj - m) / m:.0f}%: a DDIM step "
                    "is one network call, so the short default run predicts the long one.")
-    heap = [x for x in results[1:] if "--malloc heap" in x["command"]]
-    if heap:
-        h = heap[0]
-        same = [x for x in results if "--malloc heap" not in x["command"] and x["steps"] == h["steps"]]
-        r = same[0] if same else r
+    pairs = [(h, d) for h in results if heap_malloc(h) for d in results if not heap_malloc(d) and d["steps"] == h["steps"]]
+    if pairs:
+        h, d = pairs[0]
 
         def per_step(x: dict[str, Any]) -> float:
             return sum(med([run["stages"][n][1] for run in x["runs"]]) / x["steps"][n] for n in x["runs"][0]["stages"])
         out.append(
             f"- As in training (see Frame scaling), glibc's default handling of large tensors costs a lot here: "
-            f"with `--malloc heap` one DDIM step of every stage together takes {per_step(h):.1f} CPU-s instead of "
-            f"{per_step(r):.1f} ({per_step(r) / per_step(h):.2f}x faster; the two runs side by side, same steps); "
-            "SR_h's and SR_t's activations (76 frames at 128² and 64²) are the largest tensors of the pipeline.")
+            f"keeping freed memory in the heap (`--malloc heap`, the default) one DDIM step of every stage together "
+            f"takes {per_step(h):.1f} CPU-s instead of {per_step(d):.1f} with `--malloc default` "
+            f"({per_step(d) / per_step(h):.2f}x faster; the two runs side by side, same steps); SR_h's and SR_t's "
+            "activations (76 frames at 128² and 64²) are the largest tensors of the pipeline.")
     return out
 
 

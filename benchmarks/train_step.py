@@ -41,9 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.common import (
-    Timing, add_common_args, apply_preset, configure_threads, count_flops, demo_dt_unet, fmt, gemm_rate, machine,
-    machine_line,
-    md_table, mode_flag, peak_allocated_mib, save_json, timed, write_section,
+    Timing, add_common_args, apply_preset, configure_threads, count_flops, demo_dt_unet, fmt, gemm_rate, heap_malloc,
+    machine, machine_line, md_table, mode_flag, peak_allocated_mib, save_json, timed, write_section,
 )
 from lightning_mav.diffusion import Diffusion
 from lightning_mav.stages.decoder import DecoderStage
@@ -416,7 +415,9 @@ def report(res: dict[str, Any]) -> str:
         "which the machine's load does not distort; *(wall)* compares wall-clock rates measured side by side. "
         "*Step peak*: the peak of tensor memory allocated during one step (activations, gradients, temporaries), "
         "from the profiler's allocation events in a separate, untimed round; *total* adds 12 bytes per parameter "
-        "(fp32 weights and the two AdamW moments, resident between steps).",
+        "(fp32 weights and the two AdamW moments, resident between steps). "
+        + ("C allocator: glibc keeps freed memory in its heap, as in the `mav`/`lightning` commands."
+           if heap_malloc(res) else "C allocator: glibc's own defaults (`--malloc default`)."),
         "",
         table,
     ]

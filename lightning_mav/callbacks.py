@@ -1,7 +1,8 @@
 """Callbacks that are ours: sample media, gradient norm, data skip counts, a batch-size function for Lightning's
-``ThroughputMonitor``, and two fault-handling pieces: ``ExceptionCheckpoint`` (a checkpoint when a run dies, without
-Lightning's implicit resume) and ``AtomicCheckpointIO`` (checkpoint files that a kill can never leave half-written).
-Everything else (periodic checkpoints, EMA, LR, throughput) is Lightning's own."""
+``ThroughputMonitor``, EMA with a warm-up of its decay (Lightning's ``EMAWeightAveraging`` underneath), and two
+fault-handling pieces: ``ExceptionCheckpoint`` (a checkpoint when a run dies, without Lightning's implicit resume) and
+``AtomicCheckpointIO`` (checkpoint files that a kill can never leave half-written). Everything else (periodic
+checkpoints, LR, throughput) is Lightning's own."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torchvision
+from torch import Tensor
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.callbacks import Callback, EMAWeightAveraging
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import EMAWeightAveraging as LightningEMA
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerFn, TrainerStatus
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
@@ -35,6 +38,40 @@ def frames_per_batch(batch: dict[str, Any]) -> int:
     if "video" in batch:
         return int(batch["video"].shape[0] * batch["video"].shape[1])
     return batch_size(batch)
+
+
+class EMAWeightAveraging(LightningEMA):
+    """Lightning's ``EMAWeightAveraging`` whose decay warms up: after ``n`` updates the average moves with
+    ``min(decay, (1 + n) / (10 + n))`` (TensorFlow's ``num_updates`` rule, as in latent-diffusion's ``LitEma``).
+
+    Why: a constant decay of 0.999 leaves ``0.999^600 = 55%`` of the *initial* weights in the average after 600
+    steps, and the average is what validation, media, ``last.ckpt`` (its ``state_dict``) and so every child stage
+    and the pipeline use: a short run (the demo, a fine-tuning) would hand on mostly untrained weights. With the
+    warm-up the average follows the weights early and settles to ``decay`` after about ``10 / (1 - decay)`` updates.
+    ``warmup: false`` gives Lightning's constant decay. Everything else (swapping for validation, checkpoint
+    layout, resume) is Lightning's.
+    """
+
+    def __init__(self, decay: float = 0.999, warmup: bool = True, **kwargs: Any) -> None:
+        super().__init__(decay=decay, **kwargs)
+        if warmup:
+            self._kwargs["avg_fn"] = None  # AveragedModel: multi_avg_fn updates all tensors with foreach kernels
+            self._kwargs["multi_avg_fn"] = _ema_warmup(decay)
+
+
+def _ema_warmup(decay: float) -> Any:
+    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor | int) -> None:
+        n = int(num_averaged)  # updates so far (AveragedModel's n_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        if floats:  # d * a + (1 - d) * c, not lerp: a + w * (c - a) turns a constant -inf (attention masks) into NaN
+            torch._foreach_mul_([a for a, _ in floats], d)
+            torch._foreach_add_([a for a, _ in floats], [c for _, c in floats], alpha=1 - d)
+        for a, c in zip(averaged, current):  # integer buffers (counters) are copied, as torch's EMA does
+            if not a.is_floating_point():
+                a.copy_(c)
+
+    return update
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
@@ -86,7 +123,7 @@ class MediaLogger(Callback):
     @staticmethod
     def _sampling_module(trainer: pl.Trainer, pl_module: pl.LightningModule) -> pl.LightningModule:
         for cb in trainer.callbacks:
-            if isinstance(cb, EMAWeightAveraging) and getattr(cb, "_average_model", None) is not None:
+            if isinstance(cb, LightningEMA) and getattr(cb, "_average_model", None) is not None:
                 return cb._average_model.module  # a full copy of the module holding the averaged weights
         return pl_module
 

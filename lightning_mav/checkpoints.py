@@ -92,6 +92,17 @@ def network_state_dict(ckpt: dict[str, Any], prefix: str) -> tuple[dict[str, tor
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, source
 
 
+def require_no_nan(state: dict[str, torch.Tensor], path: str | os.PathLike, source: str = "state_dict") -> None:
+    """Refuse a parent whose weights hold NaN (a diverged run, a broken average) before a child trains on it.
+
+    Only NaN: ``-inf`` is legitimate in buffers such as attention masks.
+    """
+    bad = [k for k, v in state.items() if v.is_floating_point() and bool(torch.isnan(v).any())]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} tensor(s) of its {source} hold NaN [{', '.join(bad[:4])}"
+                              f"{' …' if len(bad) > 4 else ''}]: the run that wrote it diverged; retrain it")
+
+
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -135,6 +146,7 @@ def init_from(
             f"init_from {path}: not a parent of this network — " + "; ".join(parts)
             + f" (only new {', '.join(allow_new)} tensors may be absent)"
         )
+    require_no_nan({k: sd[k] for k in report.loaded}, path, source)
     module.load_state_dict({k: sd[k] for k in report.loaded}, strict=False)
     return report
 

@@ -56,6 +56,10 @@ class Diffusion:
         objective: what the network predicts: ``"eps"``, ``"v"`` or ``"x0"``.
         clip_sample: clamp the predicted x0 to ``[-clip_sample, clip_sample]`` while sampling (images in
             [-1, 1] want 1.0); ``None`` for unbounded data such as CLIP embeddings.
+        min_snr_gamma: Min-SNR-γ loss weighting (Hang et al. 2023; γ = 5 in the paper): each timestep's loss is
+            weighted so that it equals ``min(SNR_t, γ)`` times the x0 error, i.e. the nearly clean timesteps
+            (SNR ≫ γ), whose fine detail would otherwise dominate the gradient, no longer crowd out the noisy ones
+            that shape the image. ``None``: the plain MSE of the objective.
 
     Not an ``nn.Module`` on purpose: it has no parameters, so nothing of it lands in a checkpoint.
     """
@@ -66,12 +70,16 @@ class Diffusion:
         schedule: Literal["cosine", "linear"] = "cosine",
         objective: Objective = "eps",
         clip_sample: float | None = None,
+        min_snr_gamma: float | None = None,
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
         if objective not in PREDICTION_TYPES:
             raise ValueError(f"objective must be one of {list(PREDICTION_TYPES)}, got {objective!r}")
+        if min_snr_gamma is not None and min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be positive (or None), got {min_snr_gamma}")
         self.timesteps, self.schedule, self.objective, self.clip_sample = timesteps, schedule, objective, clip_sample
+        self.min_snr_gamma = min_snr_gamma
         self._config = dict(
             num_train_timesteps=timesteps,
             beta_schedule=SCHEDULES[schedule],
@@ -85,7 +93,18 @@ class Diffusion:
 
     def __repr__(self) -> str:
         return (f"Diffusion(timesteps={self.timesteps}, schedule={self.schedule!r}, objective={self.objective!r}, "
-                f"clip_sample={self.clip_sample})")
+                f"clip_sample={self.clip_sample}, min_snr_gamma={self.min_snr_gamma})")
+
+    def snr_weight(self, t: Tensor) -> Tensor:
+        """Min-SNR-γ weight ``[B]`` of the objective's squared error at timesteps ``t`` ``[B]``.
+
+        In x0 terms the eps error carries SNR_t, the v error SNR_t + 1 and the x0 error 1; the weight turns each into
+        ``min(SNR_t, γ)``.
+        """
+        a = self.alphas_cumprod.to(t.device)[t.long()]
+        snr = a / (1 - a).clamp_min(1e-20)
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        return {"eps": clipped / snr.clamp_min(1e-20), "v": clipped / (snr + 1), "x0": clipped}[self.objective]
 
     # ------------------------------------------------------------------ forward process and targets
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
@@ -154,6 +173,8 @@ class Diffusion:
         x_t = self.q_sample(x0, t, noise)
         output = model_fn(x_t, t)
         sq_err = F.mse_loss(output.float(), self.target(x0, noise, t).float(), reduction="none")
+        if self.min_snr_gamma is not None:
+            sq_err = sq_err * _expand_like(self.snr_weight(t), sq_err)
         if weights is None:
             return sq_err.mean()
         w = _expand_like(weights, sq_err) if weights.dim() == 1 else weights.to(sq_err)

@@ -59,6 +59,21 @@ def test_wrong_network_is_a_clear_error(tmp_path: Path) -> None:
         init_from(Child(), save_stage(Parent(), tmp_path / "d.ckpt"), NEW_EXTRA_IN)
 
 
+def test_nan_parent_is_refused_but_infinite_masks_are_not(tmp_path: Path) -> None:
+    parent = Parent()
+    parent.register_buffer("mask", torch.full((2, 2), float("-inf")))  # like CLIP's causal attention mask
+    child = Child()
+    child.register_buffer("mask", torch.zeros(2, 2))
+    assert init_from(child, save_stage(parent, tmp_path / "ok.ckpt")).ok
+    with torch.no_grad():
+        parent.conv.weight.add_(1.0)
+        parent.norm.weight[0] = float("nan")
+    before = child.conv.weight.clone()
+    with pytest.raises(CheckpointError, match=r"nan.ckpt: 1 tensor\(s\) of its state_dict hold NaN \[norm.weight\]"):
+        init_from(child, save_stage(parent, tmp_path / "nan.ckpt"))
+    assert torch.equal(child.conv.weight, before)  # nothing loaded
+
+
 def test_missing_file_names_the_path_and_the_fix(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"checkpoint not found: .*nope.ckpt — run `lightning fit"):
         init_from(Child(), tmp_path / "nope.ckpt", hint="run `lightning fit --config experiments/decoder.yaml`")

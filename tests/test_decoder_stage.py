@@ -123,7 +123,7 @@ def test_d_lightning_loop_checkpoint_has_no_clip_and_reloads(clip_ckpt: str, d_c
 
 def test_d_resumes_with_ema_weight_averaging(clip_ckpt: str, tmp_path: Path) -> None:
     """Lightning's EMA callback strictly reloads the raw weights on resume: the stripped clip.* keys must come back."""
-    from pytorch_lightning.callbacks import EMAWeightAveraging
+    from lightning_mav.callbacks import EMAWeightAveraging
 
     stage = DecoderStage(unet=UNET, clip_ckpt=clip_ckpt, **FAST)
     trainer = fit(stage, [{"image": images()}], tmp_path, steps=2, callbacks=[EMAWeightAveraging(decay=0.9)])
@@ -135,6 +135,25 @@ def test_d_resumes_with_ema_weight_averaging(clip_ckpt: str, tmp_path: Path) -> 
     trainer = fit(resumed, [{"image": images()}], tmp_path, steps=3, callbacks=[EMAWeightAveraging(decay=0.9)],
                   ckpt_path=str(tmp_path / "ema.ckpt"))
     assert trainer.global_step == 3
+
+
+def test_flops_per_batch_counts_the_real_step_for_throughput_monitor(clip_ckpt: str, tmp_path: Path) -> None:
+    """flops_per_batch = forward + loss + backward of a training batch, forward of a validation batch: what
+    ThroughputMonitor turns into flops_per_sec / MFU."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = {"image": images()}
+    stage = DecoderStage(unet=UNET, clip_ckpt=clip_ckpt, **FAST)
+    assert stage.flops_per_batch is None  # nothing counted yet
+    fit(stage, [batch], tmp_path, steps=2)
+    with FlopCounterMode(display=False) as train_count:
+        loss, _ = stage.compute_loss(batch)
+        loss.backward()
+    with FlopCounterMode(display=False) as val_count, torch.no_grad():
+        stage.compute_loss(batch, generator=torch.Generator().manual_seed(0))
+    assert stage._flops == {"train": train_count.get_total_flops(), "val": val_count.get_total_flops()}
+    assert stage._flops["train"] > 2 * stage._flops["val"] > 0  # backward costs about twice the forward
+    assert stage.flops_per_batch == stage._flops["train"]  # outside validation: the training count
 
 
 def test_d_media_hook_and_sampling_are_deterministic(clip_ckpt: str, tmp_path: Path) -> None:
@@ -253,7 +272,8 @@ def test_dt_inherits_the_architecture_and_its_checkpoint_is_self_contained(
     dt = DecoderStage(unet={"temporal": True, "fps_cond": True}, clip_ckpt=clip_ckpt, init_from=str(parent), **FAST)
     assert dt.hparams.unet == {**UNET, "image_embed_dim": 16, "temporal": True, "fps_cond": True}  # resolved
     assert dt.hparams.init_from is None and dt.hparams.parent_ckpt == str(parent)
-    assert dt.init_report.ok and dt.diffusion.objective == "eps"
+    assert dt.init_report.ok and dt.diffusion.objective == "v"  # D's default, resolved into both hparams
+    assert dt.hparams.diffusion == {"objective": "v", "min_snr_gamma": 5.0, "clip_sample": 1.0}
 
     trainer = fit(dt, [video_batch()], tmp_path, steps=1)
     trainer.save_checkpoint(tmp_path / "dt.ckpt")

@@ -76,6 +76,23 @@ def test_loss_is_zero_for_the_oracle_and_weights_mask(objective: str) -> None:
     torch.testing.assert_close(per_sample, target[1].pow(2).mean())
 
 
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_min_snr_weighting_makes_every_objective_min_snr_times_the_x0_error(objective: str) -> None:
+    """A network that is off by δ in x0 (and consistent with x_t): weighted loss = mean_t min(SNR_t, γ)·δ²."""
+    gamma, delta = 5.0, 0.1
+    d = Diffusion(1000, "cosine", objective, min_snr_gamma=gamma)
+    x0 = torch.rand(4, 3, 4, 4) * 2 - 1
+    t = torch.tensor([5, 200, 600, 990])  # SNR from ~1e4 (clipped to γ) down to ~1e-4
+    wrong = oracle(d, x0 + delta)
+    loss = d.loss(wrong, x0, t=t, noise=torch.randn_like(x0))
+    a = d.alphas_cumprod[t]
+    snr = a / (1 - a)
+    torch.testing.assert_close(loss, (snr.clamp(max=gamma) * delta**2).mean(), rtol=1e-3, atol=1e-7)
+    assert Diffusion(1000, "cosine", objective).loss(wrong, x0, t=t, noise=torch.randn_like(x0)) != loss
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        Diffusion(min_snr_gamma=0)
+
+
 def test_loss_is_reproducible_under_a_generator() -> None:
     d = Diffusion(100, "linear", "v")
     x0 = torch.randn(4, 8)

@@ -8,9 +8,9 @@ import warnings
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from conftest import train_tiny_chain
 from PIL import Image
 from torch import Tensor, nn
 
@@ -18,13 +18,6 @@ import lightning_mav.evaluate as ev
 from lightning_mav.cli import EXPERIMENTS, MAVCLI
 from lightning_mav.media import read_video
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-    "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-UNET = {"dim": 16, "dim_mults": (1, 2), "num_res_blocks": 1, "attn_levels": (1,), "heads": 2, "dim_head": 8}
-FAST = {"sample_steps": 2, "warmup_steps": 0, "lr": 1e-3}
 EXPECTED = {
     "shapes/color", "shapes/shape", "shapes/size", "shapes/all", "coherence/D_t", "coherence/D_t/smoothness",
     "coherence/D_per_frame", "coherence/D_per_frame/smoothness", "coherence/gain", "coherence/up_F",
@@ -42,54 +35,14 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def fit(stage: pl.LightningModule, data: pl.LightningDataModule, path: Path, steps: int = 1) -> str:
-    """One real Lightning step, then the checkpoint where the evaluation looks for it."""
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(stage, datamodule=data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    trainer.save_checkpoint(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def runs(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """clip, prior, decoder -> dt -> interp, sr_l -> sr_t; no sr_h (so it must read "not trained").
 
     D_t makes 8 px frames, ↑F interpolates them, SR_t takes them to 16 px.
     """
-    from datamodules.text_image import TextImageDataModule
-    from datamodules.video import VideoDataModule
-    from lightning_mav.stages.clip import CLIPStage
-    from lightning_mav.stages.decoder import DecoderStage
-    from lightning_mav.stages.interpolation import InterpolationStage
-    from lightning_mav.stages.prior import PriorStage
-    from lightning_mav.stages.superres import SuperResStage
-
-    pl.seed_everything(0, verbose=False)
-    root = tmp_path_factory.mktemp("runs")
-
-    def ckpt(name: str) -> Path:
-        return root / name / "checkpoints" / "last.ckpt"
-
-    def images(size: int) -> TextImageDataModule:
-        return TextImageDataModule(root=str(shapes_root), image_size=size, batch_size=4)
-
-    def videos(size: int, frames: int) -> VideoDataModule:
-        return VideoDataModule(root=str(shapes_root), num_frames=frames, video_size=size, fps_min=8, fps_max=24,
-                               batch_size=2)
-
-    clip = fit(CLIPStage("tiny", model_cfg=TINY_CLIP, warmup_steps=0), images(16), ckpt("clip"))
-    fit(PriorStage(clip, dim=32, depth=1, heads=2, dim_head=16, **FAST), images(16), ckpt("prior"))
-    d = fit(DecoderStage(unet=UNET, clip_ckpt=clip, image_size=8, **FAST), images(8), ckpt("decoder"))
-    dt = fit(DecoderStage(unet={"temporal": True, "fps_cond": True}, clip_ckpt=clip, init_from=d, image_size=8,
-                          **FAST), videos(8, 4), ckpt("dt"))
-    fit(InterpolationStage(clip_ckpt=clip, init_from=dt, image_size=8, num_frames=11, **FAST), videos(8, 11),
-        ckpt("interp"))
-    sr_l = fit(SuperResStage(unet=UNET, lowres_size=8, highres_size=16, **FAST), images(16), ckpt("sr_l"))
-    fit(SuperResStage(unet={"temporal": True}, init_from=sr_l, lowres_size=8, highres_size=16, **FAST),
-        videos(16, 4), ckpt("sr_t"))
-    return root
+    return train_tiny_chain(shapes_root, tmp_path_factory.mktemp("runs"), steps=1, interp_frames=11,
+                            sr_h=False)
 
 
 class _FakeI3D(nn.Module):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
+from conftest import train_tiny_chain
 from PIL import Image
 
 from lightning_mav.checkpoints import CheckpointError
@@ -22,13 +22,6 @@ from lightning_mav.pipeline import (
 )
 from lightning_mav.stages.superres import SuperResStage
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-    "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-UNET = {"dim": 16, "dim_mults": (1, 2), "num_res_blocks": 1, "attn_levels": (1,), "heads": 2, "dim_head": 8}
-FAST = {"sample_steps": 2, "warmup_steps": 0, "lr": 1e-3}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,54 +57,14 @@ def test_per_stage_options_and_names() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- tiny chain
-def fit(stage: pl.LightningModule, data: pl.LightningDataModule, path: Path, steps: int = 2) -> str:
-    """A few real Lightning steps, then the checkpoint where `mav generate` looks for it."""
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(stage, datamodule=data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    trainer.save_checkpoint(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def runs(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """runs/<stage>/checkpoints/last.ckpt for the whole chain: CLIP, P, D -> D_t -> ↑F, SR_l -> SR_t, SR_h.
 
     Sizes: D_t makes 8 px frames, SR_t takes them to 16 px and SR_h to 32 px.
     """
-    from datamodules.text_image import TextImageDataModule
-    from datamodules.video import VideoDataModule
-    from lightning_mav.stages.clip import CLIPStage
-    from lightning_mav.stages.decoder import DecoderStage
-    from lightning_mav.stages.interpolation import InterpolationStage
-    from lightning_mav.stages.prior import PriorStage
-
-    pl.seed_everything(0, verbose=False)
-    root = tmp_path_factory.mktemp("runs")
-
-    def ckpt(name: str) -> Path:
-        return root / name / "checkpoints" / "last.ckpt"
-
-    def images(size: int) -> TextImageDataModule:
-        return TextImageDataModule(root=str(shapes_root), image_size=size, batch_size=4)
-
-    def videos(size: int, frames: int) -> VideoDataModule:
-        return VideoDataModule(root=str(shapes_root), num_frames=frames, video_size=size, fps_min=8, fps_max=24,
-                               batch_size=2)
-
-    clip = fit(CLIPStage("tiny", model_cfg=TINY_CLIP, warmup_steps=0), images(16), ckpt("clip"))
-    fit(PriorStage(clip, dim=32, depth=1, heads=2, dim_head=16, **FAST), images(16), ckpt("prior"))
-    d = fit(DecoderStage(unet=UNET, clip_ckpt=clip, image_size=8, **FAST), images(8), ckpt("decoder"))
-    dt = fit(DecoderStage(unet={"temporal": True, "fps_cond": True}, clip_ckpt=clip, init_from=d, image_size=8,
-                          **FAST), videos(8, 4), ckpt("dt"))
-    fit(InterpolationStage(clip_ckpt=clip, init_from=dt, image_size=8, num_frames=16, **FAST), videos(8, 16),
-        ckpt("interp"))
-    sr_l = fit(SuperResStage(unet=UNET, lowres_size=8, highres_size=16, **FAST), images(16), ckpt("sr_l"))
-    fit(SuperResStage(unet={"temporal": True}, init_from=sr_l, lowres_size=8, highres_size=16, **FAST),
-        videos(16, 4), ckpt("sr_t"))
-    fit(SuperResStage(unet=UNET, lowres_size=16, highres_size=32, **FAST), images(32), ckpt("sr_h"))
-    return root
+    return train_tiny_chain(shapes_root, tmp_path_factory.mktemp("runs"), steps=2, interp_frames=16,
+                            sr_h=True)
 
 
 def load(runs: Path, **overrides: str | None) -> MakeAVideoPipeline:

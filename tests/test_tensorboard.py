@@ -94,10 +94,12 @@ def test_image_stage_scalars_skips_and_images(shapes_root: Path, tmp_path: Path,
     assert len(values("train/loss")) == 4 and len(values("val/loss")) == 2
     assert all(v > 0 for v in values("train/grad_norm"))
     lr_tags = [t for t in tags if t.startswith("lr-AdamW")]  # LearningRateMonitor, one per parameter group
-    assert lr_tags and all(values(t)[-1] == pytest.approx(3e-4) for t in lr_tags)
+    lr = yaml.safe_load((EXPERIMENTS / "sr_l.yaml").read_text())["model"]["init_args"]["lr"]
+    assert lr_tags and all(values(t)[-1] == pytest.approx(lr) for t in lr_tags)
     # ThroughputMonitor (window of 2; one device: the per-device rates, items = frames)
     assert values("train/device/samples_per_sec") and values("train/device/items_per_sec")
     assert values("train/samples")[-1] == 16
+    assert all(v > 0 for v in values("train/device/flops_per_sec"))  # the stage's counted flops_per_batch
     skipped = {t: values(t)[-1] for t in tags if t.startswith("data/skipped/")}
     assert skipped.get("data/skipped/decode_error", 0) >= 1, skipped
     assert {"samples/samples", "samples/lowres", "samples/target"} <= set(acc.Tags()["images"])

@@ -24,6 +24,8 @@ from open_clip.transform import PreprocessCfg
 from open_clip.transformer import TextTransformer, text_global_pool
 from torch import Tensor, nn
 
+from lightning_mav.checkpoints import require_no_nan
+
 # Small ViT + text transformer for the 32-64 px Moving Shapes data. The vocabulary stays open_clip's bundled BPE
 # (49408 tokens) so the tokens x̂ are exactly open_clip's; captions are short, so 32 positions are plenty.
 MAV_TINY: dict[str, Any] = {
@@ -220,5 +222,6 @@ class CLIP(nn.Module):
         state = {k[len("clip."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("clip.")}
         if not state:
             raise ValueError(f"{p} holds no 'clip.' weights: is it a CLIPStage checkpoint?")
+        require_no_nan(state, p)
         clip.load_state_dict(state, strict=True)
         return clip

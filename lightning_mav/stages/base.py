@@ -24,6 +24,11 @@ gradients to apply) and counts the skipped steps in ``train/nonfinite_skipped``.
 jointly (one rank's NaN reaches every rank through the gradient all-reduce anyway), so all ranks stop or skip
 together instead of deadlocking.
 
+FLOPs: ``flops_per_batch`` is counted by torch's ``FlopCounterMode`` on the first training batch (forward, loss and
+backward: what the hardware really runs, recomputation under checkpointing included) and on the first validation
+batch (forward); Lightning's ``ThroughputMonitor`` turns it into ``train/device/flops_per_sec`` and, on the GPUs it
+knows (A100, H100, H200, ...), ``train/device/mfu``.
+
 Media: the first validation batch (its first ``media_batch_size`` items) is kept on the CPU; the lead's media callback
 calls :meth:`StageBase.log_media` under ``no_grad``/eval (and EMA weights when enabled), and the stage samples from
 that fixed conditioning with a fixed seed, so successive images show the training progress and nothing else.
@@ -38,6 +43,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_mav.checkpoints import NEW_TEMPORAL, KeyReport, init_from, load_checkpoint
 
@@ -114,6 +120,8 @@ class StageBase(pl.LightningModule):
         self.clip: nn.Module | None = None
         self.init_report: KeyReport | None = None
         self._media_batch: Any = None
+        self._flops: dict[str, float] = {}  # "train" / "val" -> FLOPs of one batch (see flops_per_batch)
+        self._flop_counter: tuple[str, FlopCounterMode] | None = None
 
     # ------------------------------------------------------------------ subclass contract
     def compute_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, int]:
@@ -131,6 +139,13 @@ class StageBase(pl.LightningModule):
         seed = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything (LightningCLI's `seed_everything`)
         if seed is not None:
             torch.manual_seed(step_seed(int(seed), self.global_rank, self.global_step, batch_idx))
+        self._start_flop_count("train")
+
+    def on_after_backward(self) -> None:
+        self._stop_flop_count("train")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._stop_flop_count(None)  # a skipped (non-finite) step ran no backward: count the next batch instead
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         loss, batch_size = self.compute_loss(batch)
@@ -166,7 +181,9 @@ class StageBase(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         generator = torch.Generator().manual_seed(batch_idx)
+        self._start_flop_count("val")
         loss, batch_size = self.compute_loss(batch, generator=generator)
+        self._stop_flop_count("val")
         self.log_loss("val", loss, batch_size)
         return loss
 
@@ -178,6 +195,30 @@ class StageBase(pl.LightningModule):
         train = split == "train"
         self.log(f"{split}/{name}", loss, prog_bar=True, on_step=train, on_epoch=not train,
                  batch_size=batch_size, sync_dist=not train)
+
+    # ------------------------------------------------------------------ FLOPs (for ThroughputMonitor)
+    @property
+    def flops_per_batch(self) -> float | None:
+        """FLOPs of one batch of the running loop (training: forward + backward; validation: forward), None until
+        its first batch was counted."""
+        trainer = self._trainer
+        return self._flops.get("val" if trainer is not None and trainer.validating else "train")
+
+    def _start_flop_count(self, split: str) -> None:
+        if split not in self._flops and self._flop_counter is None:
+            counter = FlopCounterMode(display=False)
+            counter.__enter__()
+            self._flop_counter = (split, counter)
+
+    def _stop_flop_count(self, split: str | None) -> None:
+        """Close the open count; keep its total if it is ``split``'s (None: discard)."""
+        if self._flop_counter is None:
+            return
+        counted, counter = self._flop_counter
+        counter.__exit__(None, None, None)
+        self._flop_counter = None
+        if split == counted:
+            self._flops[split] = float(counter.get_total_flops())
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
@@ -296,6 +337,23 @@ class StageBase(pl.LightningModule):
     def set_media_batch(self, batch: dict[str, Any]) -> None:
         """Choose the media conditioning explicitly (tests, scripts) instead of the first validation batch."""
         self._media_batch = _head(batch, self.media_batch_size)
+
+
+def resolve_pixel_diffusion(config: dict[str, Any]) -> dict[str, Any]:
+    """Fill in the defaults of a pixel-space diffusion (D, D_t, ↑F, SR_*) *in place*, so the resolved values land in
+    ``hparams`` and every child inherits what its parent really trained with; returns ``config``.
+
+    ``objective: v``: the cosine schedule ends at ᾱ_T ≈ 0 and sampling starts at t = T-1 (trailing spacing), where an
+    eps-prediction says nothing about x0 (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps Are
+    Flawed", §3.2); measured on the demo's D (600 steps), DDIM samples from eps were noise over faint shapes, from v
+    clean images. ``min_snr_gamma: 5`` (Min-SNR-γ weighting, Hang et al. 2023): on the demo's SR_l (400 steps,
+    lr 1e-3) DDIM samples were noise without it and the upsampled shapes with it. ``clip_sample: 1.0``: pixels live
+    in [-1, 1].
+    """
+    config.setdefault("objective", "v")
+    config.setdefault("min_snr_gamma", 5.0)
+    config.setdefault("clip_sample", 1.0)
+    return config
 
 
 def trainable_names(module: nn.Module) -> list[str]:

@@ -66,6 +66,7 @@ class CLIPStage(StageBase):
         return self.loss_fn(image, text, self.clip.model.logit_scale.exp()), image.shape[0]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
         # As open_clip does after each step: temperature at most 100, so the logits cannot blow up.
         with torch.no_grad():
             self.clip.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)

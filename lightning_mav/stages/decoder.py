@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lightning_mav.diffusion import Diffusion, repeat_to_batch
 from lightning_mav.nn.unet import UNet
-from lightning_mav.stages.base import StageBase
+from lightning_mav.stages.base import StageBase, resolve_pixel_diffusion
 
 
 class DecoderStage(StageBase):
@@ -32,7 +32,9 @@ class DecoderStage(StageBase):
     Args:
         unet: :class:`lightning_mav.nn.unet.UNet` kwargs; ``image_embed_dim`` defaults to the CLIP's embedding
             size. With ``init_from`` only the changes to the parent's (D_t: ``temporal=True, fps_cond=True``).
-        diffusion: :class:`lightning_mav.diffusion.Diffusion` kwargs (``clip_sample`` defaults to 1.0: pixels);
+        diffusion: :class:`lightning_mav.diffusion.Diffusion` kwargs (defaults ``objective: v``, ``min_snr_gamma: 5``,
+            ``clip_sample: 1.0``;
+            see :func:`lightning_mav.stages.base.resolve_pixel_diffusion`);
             with ``init_from``, changes to the parent's.
         clip_ckpt: frozen CLIP (CLIPStage ``.ckpt``) giving the conditioning ``y_e``; None trains an unconditional
             U-Net (``image_embed_dim`` unset) or requires precomputed ``image_embed`` in every batch.
@@ -86,7 +88,7 @@ class DecoderStage(StageBase):
         self.unet = UNet(**unet_kwargs)
         self.conditional = bool(unet_kwargs.get("image_embed_dim"))
         self.fps_cond = bool(unet_kwargs.get("fps_cond", False))
-        self.diffusion = Diffusion(**{"clip_sample": 1.0, **configs["diffusion"]})
+        self.diffusion = Diffusion(**resolve_pixel_diffusion(configs["diffusion"]))
         self.image_size, self.cond_frame, self.cond_drop_prob = image_size, cond_frame, cond_drop_prob
         self.joint_image_prob, self.sample_steps = joint_image_prob, sample_steps
         self.sampler, self.guidance_scale = sampler, guidance_scale

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from lightning_mav.diffusion import Diffusion, repeat_to_batch
 from lightning_mav.nn.unet import UNet
-from lightning_mav.stages.base import StageBase
+from lightning_mav.stages.base import StageBase, resolve_pixel_diffusion
 
 
 def resize(x: Tensor, size: int | tuple[int, int], mode: str = "bilinear") -> Tensor:
@@ -45,8 +45,9 @@ class SuperResStage(StageBase):
     Args:
         unet: :class:`lightning_mav.nn.unet.UNet` kwargs (``lowres_cond`` is forced on); with ``init_from`` only
             the changes to the parent's (SR_t: ``temporal=True``).
-        diffusion: :class:`lightning_mav.diffusion.Diffusion` kwargs (``clip_sample`` defaults to 1.0); with
-            ``init_from``, changes to the parent's.
+        diffusion: :class:`lightning_mav.diffusion.Diffusion` kwargs (defaults ``objective: v``, ``min_snr_gamma: 5``,
+            ``clip_sample: 1.0``;
+            see :func:`lightning_mav.stages.base.resolve_pixel_diffusion`); with ``init_from``, changes to the parent's.
         lowres_size: side of the conditioning image (64 for SR_l, 256 for SR_h at paper scale).
         highres_size: side of the output (256 for SR_l, 768 for SR_h).
         crop_size: train on random ``crop_size`` crops of the high-res image (SR_h); None trains on full images.
@@ -91,7 +92,7 @@ class SuperResStage(StageBase):
             raise ValueError(f"crop_size {crop_size} must be <= highres_size and a multiple of {self.factor}")
         configs = self.inherit_configs(init_from, unet=unet, diffusion=diffusion)
         self.unet = UNet(**{**configs["unet"], "lowres_cond": True})
-        self.diffusion = Diffusion(**{"clip_sample": 1.0, **configs["diffusion"]})
+        self.diffusion = Diffusion(**resolve_pixel_diffusion(configs["diffusion"]))
         self.lowres_size, self.highres_size, self.crop_size = lowres_size, highres_size, crop_size
         self.lowres_noise_max, self.lowres_noise_sample = lowres_noise_max, lowres_noise_sample
         self.sample_steps, self.sampler = sample_steps, sampler
