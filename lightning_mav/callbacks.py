@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torchvision
-from torch import Tensor
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.callbacks import EMAWeightAveraging as LightningEMA
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerFn, TrainerStatus
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from torch import Tensor
 
 from lightning_mav import media
 
@@ -59,7 +60,8 @@ class EMAWeightAveraging(LightningEMA):
             self._kwargs["multi_avg_fn"] = _ema_warmup(decay)
 
 
-def _ema_warmup(decay: float) -> Any:
+def _ema_warmup(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor | int], None]:
+    """AveragedModel's ``multi_avg_fn`` for the warmed-up decay."""
     def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor | int) -> None:
         n = int(num_averaged)  # updates so far (AveragedModel's n_averaged)
         d = min(decay, (1 + n) / (10 + n))

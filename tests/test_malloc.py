@@ -11,7 +11,7 @@ from lightning_mav.malloc import keep_freed_memory
 
 # Each case runs in a fresh interpreter: mallopt settings are process-wide and cannot be undone.
 PROBE = """
-import ctypes, sys
+import ctypes
 from lightning_mav.malloc import keep_freed_memory
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
