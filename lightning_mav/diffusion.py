@@ -60,6 +60,12 @@ class Diffusion:
             weighted so that it equals ``min(SNR_t, γ)`` times the x0 error, i.e. the nearly clean timesteps
             (SNR ≫ γ), whose fine detail would otherwise dominate the gradient, no longer crowd out the noisy ones
             that shape the image. ``None``: the plain MSE of the objective.
+        frame_noise_share: for videos ``[B, C, F, H, W]``, the fraction of the noise variance shared by all frames
+            (PYoCo's "mixed" noise prior, Ge et al. 2023: ``sqrt(s)·ε_shared + sqrt(1-s)·ε_f``, each frame still
+            N(0, I)), in training and in the initial noise of sampling. An image model fine-tuned into a video
+            model (D -> D_t) then starts from frames that already agree and only has to learn how they differ,
+            instead of learning to undo independent per-frame noise; PYoCo reports it as the key to fine-tuning
+            with little video. 0 (default): independent noise per frame, as in Make-A-Video. Images are unaffected.
 
     Not an ``nn.Module`` on purpose: it has no parameters, so nothing of it lands in a checkpoint.
     """
@@ -71,6 +77,7 @@ class Diffusion:
         objective: Objective = "eps",
         clip_sample: float | None = None,
         min_snr_gamma: float | None = None,
+        frame_noise_share: float = 0.0,
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
@@ -78,8 +85,10 @@ class Diffusion:
             raise ValueError(f"objective must be one of {list(PREDICTION_TYPES)}, got {objective!r}")
         if min_snr_gamma is not None and min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be positive (or None), got {min_snr_gamma}")
+        if not 0.0 <= frame_noise_share < 1.0:
+            raise ValueError(f"frame_noise_share must be in [0, 1), got {frame_noise_share}")
         self.timesteps, self.schedule, self.objective, self.clip_sample = timesteps, schedule, objective, clip_sample
-        self.min_snr_gamma = min_snr_gamma
+        self.min_snr_gamma, self.frame_noise_share = min_snr_gamma, frame_noise_share
         self._config = dict(
             num_train_timesteps=timesteps,
             beta_schedule=SCHEDULES[schedule],
@@ -93,7 +102,8 @@ class Diffusion:
 
     def __repr__(self) -> str:
         return (f"Diffusion(timesteps={self.timesteps}, schedule={self.schedule!r}, objective={self.objective!r}, "
-                f"clip_sample={self.clip_sample}, min_snr_gamma={self.min_snr_gamma})")
+                f"clip_sample={self.clip_sample}, min_snr_gamma={self.min_snr_gamma}, "
+                f"frame_noise_share={self.frame_noise_share})")
 
     def snr_weight(self, t: Tensor) -> Tensor:
         """Min-SNR-γ weight ``[B]`` of the objective's squared error at timesteps ``t`` ``[B]``.
@@ -107,6 +117,18 @@ class Diffusion:
         return {"eps": clipped / snr.clamp_min(1e-20), "v": clipped / (snr + 1), "x0": clipped}[self.objective]
 
     # ------------------------------------------------------------------ forward process and targets
+    def noise(self, shape: Sequence[int], *, generator: torch.Generator | None = None,
+              device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Standard normal noise of ``shape``; for a video ``[B, C, F, H, W]`` with ``frame_noise_share`` of its
+        variance common to all frames."""
+        device = torch.device(device or "cpu")
+        eps = randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype)
+        if self.frame_noise_share == 0 or len(shape) != 5:
+            return eps
+        b, c, _, h, w = shape
+        shared = randn_tensor((b, c, 1, h, w), generator=generator, device=device, dtype=dtype)
+        return self.frame_noise_share ** 0.5 * shared + (1 - self.frame_noise_share) ** 0.5 * eps
+
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·noise.   x0, noise ``[B, ...]``; t ``[B]`` long."""
         return self._train.add_noise(x0, noise, t)
@@ -156,7 +178,7 @@ class Diffusion:
 
         Args:
             x0: clean data ``[B, ...]`` (any rank).
-            noise: ``[B, ...]``; drawn from ``generator`` when None.
+            noise: ``[B, ...]``; drawn from ``generator`` (:meth:`noise`) when None.
             t: timesteps ``[B]`` long; uniform over ``[0, T)`` from ``generator`` when None.
             weights: ``[B]`` per-sample or broadcastable to ``x0`` (e.g. a frame mask); the loss is then the
                 weighted mean of the squared error.
@@ -169,7 +191,7 @@ class Diffusion:
             gen_device = generator.device if generator is not None else x0.device
             t = torch.randint(0, self.timesteps, (b,), generator=generator, device=gen_device).to(x0.device)
         if noise is None:
-            noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            noise = self.noise(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.q_sample(x0, t, noise)
         output = model_fn(x_t, t)
         sq_err = F.mse_loss(output.float(), self.target(x0, noise, t).float(), reduction="none")
@@ -290,7 +312,7 @@ class Diffusion:
         if noise is None:
             if shape is None:
                 raise ValueError("give a shape or the initial noise")
-            x = randn_tensor(tuple(shape), generator=generator, device=torch.device(device or "cpu"), dtype=dtype)
+            x = self.noise(shape, generator=generator, device=device, dtype=dtype)
         else:
             x = noise.to(device=device or noise.device)
         scheduler = self.make_scheduler(sampler)

@@ -490,6 +490,7 @@ class EvalMetrics(nn.Module):
                  fvd_samples: int | None = 2048) -> None:
         super().__init__()
         self.faithfulness = ShapesFaithfulness()
+        self.faithfulness_per_frame = ShapesFaithfulness()  # the ablation's: is a miss D's (text->image) or D_t's?
         self.coherence = nn.ModuleDict({name: TemporalCoherence() for name in _COHERENCE})
         self.not_shapes = SumMetric()  # prompts the shapes metrics cannot score
         self.clipsim = CLIPSIM(clip)
@@ -506,6 +507,8 @@ class EvalMetrics(nn.Module):
         self.not_shapes.update(float(len(shapes) - sum(shapes)))
         if all(shapes):
             self.faithfulness.update(frames["D_t"], prompts)
+            if "D_per_frame" in frames:
+                self.faithfulness_per_frame.update(frames["D_per_frame"], prompts)
             for name in _COHERENCE:
                 if name in frames:
                     self.coherence[name].update(frames[name])
@@ -550,6 +553,11 @@ class EvalMetrics(nn.Module):
                                ("size", f"fraction {where} whose object has the prompt's size (chance 1/3)"),
                                ("all", f"fraction {where} with colour, shape and size all right")):
                 put(f"shapes/{key}", faith[key], about, shapes_reason)
+            faith_d = self.faithfulness_per_frame.compute()
+            for key in ("color", "shape", "size"):
+                put(f"shapes/D_per_frame/{key}", faith_d[key],
+                    f"ablation: shapes/{key} of D per frame (same prompts, y_e and noise): where D_t's frames lose "
+                    f"the prompt's {key}, D (text -> image) or the temporal fine-tuning", shapes_reason)
             coherence = {name: self.coherence[name].compute() for name in _COHERENCE}
             put("coherence/D_t", coherence["D_t"]["coherence"],
                 "temporal coherence of D_t's frames, 0-1: one object, stable colour and area, smooth path, moving",
@@ -993,15 +1001,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """``mav evaluate [--runs runs] [--data data/shapes] [--out runs/eval] ...``; prints the scores."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        steps, guidance = parse_per_stage(args.steps, int), parse_per_stage(args.guidance, float)
+    except ValueError as e:
+        parser.error(f"--steps/--guidance: {e}")  # one line and exit status 2, like any bad argument
     try:
         result = evaluate(
             args.runs, args.data, args.out, prompts=args.prompts, classes=args.classes, template=args.template,
             num_prompts=args.num_prompts, videos_per_prompt=args.videos_per_prompt, i3d=args.i3d,
             real_videos=args.real_videos, real_images=args.real_images, num_frames=args.num_frames, fps=args.fps,
-            skip=args.skip, steps=parse_per_stage(args.steps, int), guidance=parse_per_stage(args.guidance, float),
-            stop_after=args.stop_after, seed=args.seed, batch_size=args.batch_size, eval_clips=args.eval_clips,
-            fvd_videos=args.fvd_videos, quick=args.quick, device=args.device, progress=not args.no_progress)
+            skip=args.skip, steps=steps, guidance=guidance, stop_after=args.stop_after, seed=args.seed,
+            batch_size=args.batch_size, eval_clips=args.eval_clips, fvd_videos=args.fvd_videos, quick=args.quick, device=args.device, progress=not args.no_progress)
     except (CheckpointError, FileNotFoundError) as e:
         sys.stderr.write(f"error: {str(e).splitlines()[0]}\n")
         raise SystemExit(2) from None

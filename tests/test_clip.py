@@ -221,3 +221,31 @@ def test_clip_stage_ignores_evaluation_padding() -> None:
     assert batch_size == 6
     torch.testing.assert_close(loss, stage.compute_loss(real)[0])
     assert stage.compute_loss({**batch, "valid": torch.zeros(8, dtype=torch.bool)})[1] == 0
+
+
+def test_cosine_lr_schedule_warms_up_then_decays_to_zero_at_max_steps() -> None:
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from lightning_mav.stages.clip import CLIPStage
+
+    class RecordLR(pl.Callback):
+        def __init__(self) -> None:
+            self.lrs: list[float] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    rates = {}
+    for schedule in ("constant", "cosine"):
+        stage = CLIPStage("tiny", model_cfg=tiny_cfg(), lr=1e-3, warmup_steps=2, lr_schedule=schedule)
+        record = RecordLR()
+        trainer = pl.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, accelerator="cpu", limit_val_batches=0, callbacks=[record])
+        trainer.fit(stage, train_dataloaders=DataLoader([tiny_batch()] * 6, batch_size=None))
+        rates[schedule] = record.lrs
+    cosine = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * (s - 2) / 4)) for s in range(2, 6)]
+    assert rates["cosine"] == pytest.approx([1e-3 * f for f in cosine])
+    assert rates["constant"] == pytest.approx([5e-4] + [1e-3] * 5)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        CLIPStage("tiny", model_cfg=tiny_cfg(), lr_schedule="linear")

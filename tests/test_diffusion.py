@@ -183,3 +183,32 @@ def test_noise_lowres_levels() -> None:
     torch.testing.assert_close(noised, d.q_sample(lowres, torch.tensor([0, 200, 999]), noise) * torch.tensor(
         [0.0, 1, 1]).view(3, 1, 1, 1, 1) + lowres * torch.tensor([1.0, 0, 0]).view(3, 1, 1, 1, 1))
     assert (noised[2] - noise[2]).abs().max() < 0.01  # the top level is (almost) pure noise
+
+
+def test_frame_noise_share_correlates_video_frames_only() -> None:
+    d = Diffusion(100, "cosine", "v", frame_noise_share=0.5)
+    g = torch.Generator().manual_seed(0)
+    video = d.noise((32, 3, 8, 16, 16), generator=g)
+    per_pixel = video.permute(0, 1, 3, 4, 2).reshape(-1, 8)  # [pixels, F]
+    corr = torch.corrcoef(per_pixel.T)
+    off_diagonal = corr[~torch.eye(8, dtype=torch.bool)]
+    assert (off_diagonal - 0.5).abs().max() < 0.03  # every pair of frames shares half the variance
+    assert abs(video.std().item() - 1) < 0.01 and abs(video.mean().item()) < 0.01  # still N(0, I) per frame
+    # images (and embeddings) are untouched; share 0 draws exactly what the plain sampler drew before
+    plain = Diffusion(100, "cosine", "v")
+    for shape in ((4, 3, 8, 8), (4, 3, 5, 8, 8)):
+        ref = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(plain.noise(shape, generator=torch.Generator().manual_seed(1)), ref)
+    image = d.noise((4, 3, 8, 8), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(image, torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)))
+    # the training loss and the sampler's initial noise both use it
+    seen: list[torch.Tensor] = []
+    d.loss(lambda x_t, t: seen.append(x_t) or torch.zeros_like(x_t), torch.zeros(2, 3, 8, 4, 4),
+           t=torch.full((2,), 99), generator=torch.Generator().manual_seed(2))
+    d.sample(lambda x, t, drop: seen.append(x) or torch.zeros_like(x), (2, 3, 8, 4, 4), steps=1,
+             generator=torch.Generator().manual_seed(2))
+    for x_t in seen:  # at t = T-1 x_t is (almost) the noise itself
+        frames = x_t.permute(0, 1, 3, 4, 2).reshape(-1, 8)
+        assert torch.corrcoef(frames.T)[0, 1:].mean() > 0.3
+    with pytest.raises(ValueError, match="frame_noise_share"):
+        Diffusion(frame_noise_share=1.0)

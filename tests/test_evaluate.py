@@ -19,7 +19,9 @@ from lightning_mav.cli import EXPERIMENTS, MAVCLI
 from lightning_mav.media import read_video
 
 EXPECTED = {
-    "shapes/color", "shapes/shape", "shapes/size", "shapes/all", "coherence/D_t", "coherence/D_t/smoothness",
+    "shapes/color", "shapes/shape", "shapes/size", "shapes/all",
+    "shapes/D_per_frame/color", "shapes/D_per_frame/shape", "shapes/D_per_frame/size",
+    "coherence/D_t", "coherence/D_t/smoothness",
     "coherence/D_per_frame", "coherence/D_per_frame/smoothness", "coherence/gain", "coherence/up_F",
     "clipsim/suite_clip", "fvd", "interp/psnr", "interp/linear_blend_psnr", "interp/gain",
     *(f"sr/{s}/{m}" for s in ("SR_l", "SR_t", "SR_h") for m in ("psnr", "bicubic_psnr", "gain")),
@@ -217,6 +219,12 @@ def test_missing_required_stage_is_a_one_line_error(tmp_path: Path, capsys: pyte
         ev.main(["--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "eval"), "--quick"])
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "lightning fit --config experiments/prior.yaml" in err
+    with pytest.raises(SystemExit) as exit_info:  # a bad per-stage value fails before anything is loaded
+        ev.main(["--runs", str(tmp_path / "empty"), "--steps", "SR_l=3"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "--steps/--guidance: unknown stage 'SR_l': use one of P, D_t, up_F, SR_t, SR_h "
+        "(or clip, prior, dt, interp, sr_t, sr_h)")
 
 
 # ----------------------------------------------------------------------------------------------------- lightning test

@@ -167,3 +167,35 @@ def test_wrong_parent_checkpoint_fails_clearly(sr_l_ckpt: str, tmp_path: Path) -
         DecoderStage(unet={**UNET, "temporal": True}, init_from=sr_l_ckpt, image_size=8)
     with pytest.raises(CheckpointError, match="not found"):
         SuperResStage(unet=UNET, init_from=str(tmp_path / "missing.ckpt"), **SR)
+
+
+def test_residual_diffuses_the_detail_over_bicubic(sr_l_ckpt: str, tmp_path: Path) -> None:
+    hr = images(4, size=16)
+    lowres = resize(hr, 8)
+    bicubic = resize(lowres, 16, mode="bicubic").clamp(-1, 1)
+    for residual in (True, False):
+        stage = SuperResStage(unet=UNET, residual=residual, **SR)
+        targets: list[torch.Tensor] = []
+
+        def loss(fn, x0, _seen=targets, _loss=stage.diffusion.loss, **kw):
+            _seen.append(x0)
+            return _loss(fn, x0, **kw)
+
+        stage.diffusion.loss = loss
+        stage.compute_loss({"image": hr}, generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(targets[0], hr - bicubic if residual else hr, atol=1e-6)
+        # sampling adds the diffused residual back onto the upsampled input: a zero residual gives bicubic
+        stage.diffusion.sample = lambda fn, shape, **kw: torch.zeros(shape)
+        out = stage.sample(lowres, steps=1)
+        assert torch.allclose(out, bicubic if residual else torch.zeros_like(out), atol=1e-6)
+    assert SuperResStage(unet=UNET, **SR).residual  # the default
+    # a child keeps its parent's parameterisation unless it sets its own; a parent saved without one had none
+    assert SuperResStage(unet={"temporal": True}, init_from=sr_l_ckpt, **SR).residual
+    ckpt = torch.load(sr_l_ckpt, map_location="cpu", weights_only=True)
+    for name, hparams in (("plain", {**ckpt["hyper_parameters"], "residual": False}),
+                          ("legacy", {k: v for k, v in ckpt["hyper_parameters"].items() if k != "residual"})):
+        torch.save({**ckpt, "hyper_parameters": hparams}, tmp_path / f"{name}.ckpt")
+        child = SuperResStage(unet={"temporal": True}, init_from=str(tmp_path / f"{name}.ckpt"), **SR)
+        assert not child.residual and child.hparams.residual is False
+    forced = SuperResStage(unet={"temporal": True}, init_from=str(tmp_path / "plain.ckpt"), residual=True, **SR)
+    assert forced.residual and SuperResStage.load_from_checkpoint(sr_l_ckpt).residual

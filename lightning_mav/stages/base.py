@@ -36,6 +36,7 @@ that fixed conditioning with a fixed seed, so successive images show the trainin
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 from typing import Any, Literal
 
@@ -48,6 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_mav.checkpoints import NEW_TEMPORAL, KeyReport, init_from, load_checkpoint
 
 NonFinite = Literal["stop", "skip"]
+LRSchedule = Literal["constant", "cosine"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -89,6 +91,8 @@ class StageBase(pl.LightningModule):
             of rank 1).
         betas: AdamW betas.
         warmup_steps: linear warm-up from ``lr / warmup_steps`` to ``lr``, stepped every optimizer step.
+        lr_schedule: after the warm-up, ``"constant"`` or ``"cosine"`` (half a cosine from ``lr`` to 0 at the
+            trainer's ``max_steps``; a short run then ends on small steps instead of at full ``lr``).
         media_batch_size: how many validation items the media hook keeps and samples from.
         media_seed: seed of the media samples (same noise every time).
         nonfinite: what a NaN/Inf training loss does: ``"stop"`` raises :class:`NonFiniteLossError` (naming the
@@ -106,6 +110,7 @@ class StageBase(pl.LightningModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.99),
         warmup_steps: int = 0,
+        lr_schedule: LRSchedule = "constant",
         media_batch_size: int = 4,
         media_seed: int = 0,
         nonfinite: NonFinite = "stop",
@@ -113,7 +118,10 @@ class StageBase(pl.LightningModule):
         super().__init__()
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
+        self.lr_schedule: LRSchedule = lr_schedule
         self.media_batch_size, self.media_seed = media_batch_size, media_seed
         self.nonfinite: NonFinite = nonfinite
         self.nonfinite_skipped = 0  # optimizer steps skipped for a non-finite loss (kept in checkpoints)
@@ -222,7 +230,7 @@ class StageBase(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW over the trainable parameters + per-step linear warm-up.
+        """AdamW over the trainable parameters + per-step linear warm-up, then ``lr_schedule``.
 
         Fused AdamW on CUDA and on the CPU (one kernel per step): for D_t's 87M parameters on the CPU 0.10 s per
         optimizer step vs 0.37 s foreach (``benchmarks/RESULTS.md``); foreach for devices without a fused kernel.
@@ -234,10 +242,20 @@ class StageBase(pl.LightningModule):
         fused = bool(params) and all(p.device.type in ("cuda", "cpu") for p in params)
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas,
                                       fused=fused or None, foreach=None if fused else True)
-        warmup = max(int(self.warmup_steps), 0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of ``lr`` at optimizer step ``step``: linear warm-up, then constant or cosine to 0."""
+        warmup = max(int(self.warmup_steps), 0)
+        factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        total = self._trainer.max_steps if self._trainer is not None else -1
+        if self.lr_schedule == "cosine":
+            if total is None or total <= 0:
+                raise ValueError("lr_schedule: cosine needs trainer.max_steps (the step the cosine reaches 0 at)")
+            progress = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
+            factor *= 0.5 * (1.0 + math.cos(math.pi * progress))
+        return factor
 
     # ------------------------------------------------------------------ networks: parents and freezing
     def inherit_configs(self, init_from: str | None, **configs: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
@@ -247,6 +265,7 @@ class StageBase(pl.LightningModule):
         into ``hparams``, so the child's own checkpoint is complete and its children can inherit from it in turn.
         """
         parent = (load_checkpoint(init_from).get("hyper_parameters") or {}) if init_from is not None else {}
+        self.parent_hparams: dict[str, Any] = dict(parent)  # for stage options a child inherits (SR's residual)
         merged = {name: {**(parent.get(name) or {}), **(own or {})} for name, own in configs.items()}
         self.hparams.update(merged)
         return merged

@@ -31,7 +31,7 @@ class CLIPStage(StageBase):
         model_name: ``"mav-tiny"`` or an open_clip config name.
         model_cfg: explicit open_clip config dict (plain dict; overrides the name lookup).
         pretrained: optional LOCAL open_clip weights file to start from (fine-tuning).
-        lr, weight_decay, betas, warmup_steps, media_batch_size, media_seed: see :class:`StageBase`.
+        lr, weight_decay, betas, warmup_steps, lr_schedule, media_batch_size, media_seed: see :class:`StageBase`.
     """
 
     def __init__(
@@ -43,12 +43,14 @@ class CLIPStage(StageBase):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.98),
         warmup_steps: int = 100,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
         media_batch_size: int = 4,
         media_seed: int = 0,
         nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         media_batch_size=media_batch_size, media_seed=media_seed, nonfinite=nonfinite)
+                         lr_schedule=lr_schedule, media_batch_size=media_batch_size, media_seed=media_seed,
+                         nonfinite=nonfinite)
         self.save_hyperparameters()
         self.clip = CLIP(model_name, pretrained=pretrained, model_cfg=model_cfg, freeze=False)
         self.loss_fn = ClipLoss()

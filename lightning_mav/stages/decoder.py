@@ -47,7 +47,7 @@ class DecoderStage(StageBase):
             from the saved hyperparameters once loaded (see :meth:`StageBase.init_network`).
         freeze_spatial: train only the new (temporal, fps) parameters.
         sample_steps, sampler, guidance_scale: defaults of :meth:`sample` and of the media samples.
-        lr, weight_decay, betas, warmup_steps, media_batch_size, media_seed: see :class:`StageBase`.
+        lr, weight_decay, betas, warmup_steps, lr_schedule, media_batch_size, media_seed: see :class:`StageBase`.
     """
 
     def __init__(
@@ -68,12 +68,14 @@ class DecoderStage(StageBase):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.99),
         warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
         media_batch_size: int = 4,
         media_seed: int = 0,
         nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         media_batch_size=media_batch_size, media_seed=media_seed, nonfinite=nonfinite)
+                         lr_schedule=lr_schedule, media_batch_size=media_batch_size, media_seed=media_seed,
+                         nonfinite=nonfinite)
         self.save_hyperparameters()
         if cond_frame not in ("middle", "first", "random"):
             raise ValueError(f"cond_frame must be 'middle', 'first' or 'random', got {cond_frame!r}")

@@ -30,7 +30,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange
 from torch import Tensor
 
@@ -134,6 +133,7 @@ class InterpolationStage(DecoderStage):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.99),
         warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
         media_batch_size: int = 4,
         media_seed: int = 0,
         nonfinite: Literal["stop", "skip"] = "stop",
@@ -147,8 +147,8 @@ class InterpolationStage(DecoderStage):
                          cond_drop_prob=cond_drop_prob, cond_frame=cond_frame, joint_image_prob=0.0,
                          init_from=init_from, freeze_spatial=freeze_spatial, sample_steps=sample_steps,
                          sampler=sampler, guidance_scale=guidance_scale, lr=lr, weight_decay=weight_decay,
-                         betas=betas, warmup_steps=warmup_steps, media_batch_size=media_batch_size,
-                         media_seed=media_seed, nonfinite=nonfinite)
+                         betas=betas, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
+                         media_batch_size=media_batch_size, media_seed=media_seed, nonfinite=nonfinite)
         self.num_frames, self.skips = num_frames, tuple(int(k) for k in skips)
         self.extrapolation_prob, self.loss_on_known = extrapolation_prob, loss_on_known
 
@@ -241,7 +241,7 @@ class InterpolationStage(DecoderStage):
         known = known.to(self.device).expand(b, f)
         image_embed, fps = self._conditioning(video, image_embed, fps)
         if noise is None:
-            noise = randn_tensor(video.shape, generator=generator, device=self.device, dtype=torch.float32)
+            noise = self.diffusion.noise(video.shape, generator=generator, device=self.device)
         noise = noise.to(self.device, torch.float32)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         fn = self.model_fn(image_embed, fps=fps, frames=video, known=known, known_noise=noise)

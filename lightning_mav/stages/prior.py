@@ -40,7 +40,7 @@ class PriorStage(StageBase):
         timesteps, schedule, objective: the diffusion (x0, DALL·E 2's choice, by default).
         cond_drop_prob: probability of training a sample unconditionally (classifier-free guidance).
         sample_steps, guidance_scale: defaults of :meth:`sample`.
-        lr, weight_decay, betas, warmup_steps, media_batch_size, media_seed: see :class:`StageBase`.
+        lr, weight_decay, betas, warmup_steps, lr_schedule, media_batch_size, media_seed: see :class:`StageBase`.
     """
 
     def __init__(
@@ -62,12 +62,14 @@ class PriorStage(StageBase):
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.99),
         warmup_steps: int = 100,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
         media_batch_size: int = 4,
         media_seed: int = 0,
         nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         media_batch_size=media_batch_size, media_seed=media_seed, nonfinite=nonfinite)
+                         lr_schedule=lr_schedule, media_batch_size=media_batch_size, media_seed=media_seed,
+                         nonfinite=nonfinite)
         self.save_hyperparameters()
         if clip_model is None:
             self.load_clip(clip_ckpt)

@@ -6,6 +6,13 @@ is forward-diffused to a random level in ``[0, lowres_noise_max]`` and the level
 sampling time the network tolerates the artefacts of the stage below, which is then noised to the fixed
 ``lowres_noise_sample``.
 
+``residual=True`` (the default) diffuses the *residual* over bicubic upsampling, ``x0 - bicubic(lowres)``, not the
+high-res image itself (as SRDiff, Li et al. 2022): the network only has to add the detail the interpolation
+misses, so an undertrained or briefly fine-tuned SR stage degrades gracefully towards bicubic instead of
+re-drawing the whole image (on the demo's SR_l, 400 steps: see ``experiments/sr_l.yaml``). The upsampled base is
+the clean low-res input, the U-Net still sees the noise-augmented one. A child (``init_from``) keeps its parent's
+choice unless it sets its own.
+
 SR_h is the paper's frame-wise super-resolution: trained on images (random ``crop_size`` crops of the high-res
 image, the low-res made by downsampling the crop, so the 768-px network trains at crop cost) and applied per frame
 with the *same* initial noise for every frame, which the pipeline passes as ``sample(..., noise=...)``.
@@ -54,11 +61,13 @@ class SuperResStage(StageBase):
             Must keep the ``highres_size / lowres_size`` ratio integral on the crop.
         lowres_noise_max: training draws the augmentation level uniformly from ``[0, lowres_noise_max]``.
         lowres_noise_sample: fixed augmentation level at sampling time.
+        residual: diffuse ``x0 - bicubic(lowres)`` instead of ``x0`` (see the module docstring); None: the parent's
+            setting with ``init_from`` (False for a parent saved without one), else True.
         init_from: parent checkpoint (SR_l for SR_t); only new temporal tensors may be absent from it. Cleared
             from the saved hyperparameters once loaded (see :meth:`StageBase.init_network`).
         freeze_spatial: train only the new (temporal) parameters.
         sample_steps, sampler: defaults of :meth:`sample`.
-        lr, weight_decay, betas, warmup_steps, media_batch_size, media_seed: see :class:`StageBase`.
+        lr, weight_decay, betas, warmup_steps, lr_schedule, media_batch_size, media_seed: see :class:`StageBase`.
     """
 
     def __init__(
@@ -70,6 +79,7 @@ class SuperResStage(StageBase):
         crop_size: int | None = None,
         lowres_noise_max: float = 0.5,
         lowres_noise_sample: float = 0.1,
+        residual: bool | None = None,
         init_from: str | None = None,
         freeze_spatial: bool = False,
         sample_steps: int = 50,
@@ -78,12 +88,14 @@ class SuperResStage(StageBase):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.99),
         warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
         media_batch_size: int = 4,
         media_seed: int = 0,
         nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         media_batch_size=media_batch_size, media_seed=media_seed, nonfinite=nonfinite)
+                         lr_schedule=lr_schedule, media_batch_size=media_batch_size, media_seed=media_seed,
+                         nonfinite=nonfinite)
         self.save_hyperparameters()
         if highres_size % lowres_size:
             raise ValueError(f"highres_size {highres_size} must be a multiple of lowres_size {lowres_size}")
@@ -91,6 +103,10 @@ class SuperResStage(StageBase):
         if crop_size is not None and (crop_size > highres_size or crop_size % self.factor):
             raise ValueError(f"crop_size {crop_size} must be <= highres_size and a multiple of {self.factor}")
         configs = self.inherit_configs(init_from, unet=unet, diffusion=diffusion)
+        if residual is None:
+            residual = bool(self.parent_hparams.get("residual", False)) if init_from is not None else True
+        self.residual = residual
+        self.hparams["residual"] = residual  # resolved, so this stage's children inherit what it trained with
         self.unet = UNet(**{**configs["unet"], "lowres_cond": True})
         self.diffusion = Diffusion(**resolve_pixel_diffusion(configs["diffusion"]))
         self.lowres_size, self.highres_size, self.crop_size = lowres_size, highres_size, crop_size
@@ -118,6 +134,11 @@ class SuperResStage(StageBase):
         h, w = highres.shape[-2:]
         return resize(highres, (h // self.factor, w // self.factor))
 
+    def base(self, lowres: Tensor, size: tuple[int, int]) -> Tensor | None:
+        """What the diffusion adds to: bicubic upsampling of the clean ``lowres`` to ``size`` (None unless
+        ``residual``)."""
+        return resize(lowres, size, mode="bicubic").clamp(-1, 1) if self.residual else None
+
     # ------------------------------------------------------------------ training
     def model_fn(self, lowres: Tensor, level: Tensor, time: bool = True):
         """``(x_t, t, drop_cond=None) -> output``: the U-Net with the (noised) low-res image bound.
@@ -136,8 +157,11 @@ class SuperResStage(StageBase):
             x0 = self.random_crop(x0, generator)
         b = x0.shape[0]
         levels = torch.rand(b, generator=generator).to(self.device) * self.lowres_noise_max
-        lowres, level = self.diffusion.noise_lowres(self.lowres_of(x0), levels, generator=generator)
-        loss = self.diffusion.loss(self.model_fn(lowres, level), x0, generator=generator)
+        clean = self.lowres_of(x0)
+        base = self.base(clean, x0.shape[-2:])
+        lowres, level = self.diffusion.noise_lowres(clean, levels, generator=generator)
+        target = x0 if base is None else x0 - base
+        loss = self.diffusion.loss(self.model_fn(lowres, level), target, generator=generator)
         return loss, b
 
     # ------------------------------------------------------------------ sampling
@@ -162,13 +186,15 @@ class SuperResStage(StageBase):
             noise_level: augmentation level of the low-res input (default ``lowres_noise_sample``).
             lowres_noise: the augmentation noise itself (shape of ``lowres``), e.g. also identical per frame.
         """
-        lowres = lowres.float().to(self.device)
+        clean = lowres.float().to(self.device)
         level = self.lowres_noise_sample if noise_level is None else noise_level
-        lowres, level = self.diffusion.noise_lowres(lowres, level, noise=lowres_noise, generator=generator)
+        lowres, level = self.diffusion.noise_lowres(clean, level, noise=lowres_noise, generator=generator)
         shape = (*lowres.shape[:-2], lowres.shape[-2] * self.factor, lowres.shape[-1] * self.factor)
-        return self.diffusion.sample(self.model_fn(lowres, level), shape, steps=steps or self.sample_steps,
-                                     sampler=sampler or self.sampler, generator=generator, noise=noise,
-                                     progress=progress, device=self.device)
+        out = self.diffusion.sample(self.model_fn(lowres, level), shape, steps=steps or self.sample_steps,
+                                    sampler=sampler or self.sampler, generator=generator, noise=noise,
+                                    progress=progress, device=self.device)
+        base = self.base(clean, shape[-2:])
+        return out if base is None else (out + base).clamp(-1, 1)
 
     def media_from_batch(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Super-resolved samples of the kept items' downsampled versions, next to the low-res input and target."""
