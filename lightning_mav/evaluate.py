@@ -48,6 +48,7 @@ from torchmetrics.aggregation import MeanMetric, SumMetric
 from tqdm.auto import tqdm
 
 from lightning_mav.checkpoints import CheckpointError, load_checkpoint
+from lightning_mav.diffusion import Diffusion
 from lightning_mav.media import contact_sheet, save_png, write_gif, write_mp4
 from lightning_mav.metrics import (
     CLIPSIM,
@@ -672,10 +673,17 @@ class RealData:
     batch_size: int = 4
 
 
-def item_noise(keys: Sequence[str], shape: Sequence[int], *, seed: int, stream: str) -> Tensor:
+def item_noise(keys: Sequence[str], shape: Sequence[int], *, seed: int, stream: str,
+               diffusion: Diffusion | None = None) -> Tensor:
     """Gaussian noise ``[len(keys), *shape]``, each item's drawn from a generator of its own key: a real clip gets
-    the same noise whatever batch or DDP rank it lands in, so DDP reproduces the single-process scores."""
-    return torch.stack([torch.randn(tuple(shape), generator=stage_generator(seed, f"{stream}/{key}")) for key in keys])
+    the same noise whatever batch or DDP rank it lands in, so DDP reproduces the single-process scores. With
+    ``diffusion``, drawn as that stage draws it (e.g. ↑F's noise shared across frames, ``frame_noise_share``)."""
+    def draw(key: str) -> Tensor:
+        generator = stage_generator(seed, f"{stream}/{key}")
+        if diffusion is None:
+            return torch.randn(tuple(shape), generator=generator)
+        return diffusion.noise((1, *shape), generator=generator)[0]
+    return torch.stack([draw(key) for key in keys])
 
 
 @torch.no_grad()
@@ -688,7 +696,8 @@ def score_interpolation(pipe: MakeAVideoPipeline, metrics: EvalMetrics, real: Re
     clips = real_batches(real.videos, "videos", size=up_F.image_size, limit=real.clips, batch_size=real.batch_size,
                          num_frames=length, fps=settings.fps * k)  # at ↑F's output rate, as in the pipeline
     for target, fps, keys in clips:
-        noise = item_noise(keys, target.shape[1:], seed=seed, stream="up_F")  # one window per clip: its shape
+        # one window per clip: its shape; drawn as ↑F was trained (frames may share part of their noise)
+        noise = item_noise(keys, target.shape[1:], seed=seed, stream="up_F", diffusion=up_F.diffusion)
         with pipe.autocast():
             pred = up_F.interpolate(target[:, :, ::k], k, fps=fps / k,
                                     steps=int(per_stage(settings.steps, "up_F", up_F.sample_steps)),
@@ -707,7 +716,8 @@ def score_super_resolution(stage: str, module: SuperResStage, pipe: MakeAVideoPi
                          fps=settings.fps)
     for target, _, keys in items:
         lowres = module.lowres_of(target)  # what a perfect stage below would hand it
-        noise = item_noise(keys, target.shape[1:], seed=seed, stream=stage).to(pipe.device)
+        noise = item_noise(keys, target.shape[1:], seed=seed, stream=stage, diffusion=module.diffusion)
+        noise = noise.to(pipe.device)
         lowres_noise = item_noise(keys, lowres.shape[1:], seed=seed, stream=f"{stage}/lowres").to(pipe.device)
         with pipe.autocast():
             pred = module.sample(lowres, steps=int(per_stage(settings.steps, stage, module.sample_steps)),
@@ -1013,7 +1023,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             num_prompts=args.num_prompts, videos_per_prompt=args.videos_per_prompt, i3d=args.i3d,
             real_videos=args.real_videos, real_images=args.real_images, num_frames=args.num_frames, fps=args.fps,
             skip=args.skip, steps=steps, guidance=guidance, stop_after=args.stop_after, seed=args.seed,
-            batch_size=args.batch_size, eval_clips=args.eval_clips, fvd_videos=args.fvd_videos, quick=args.quick, device=args.device, progress=not args.no_progress)
+            batch_size=args.batch_size, eval_clips=args.eval_clips, fvd_videos=args.fvd_videos, quick=args.quick,
+            device=args.device, progress=not args.no_progress)
     except (CheckpointError, FileNotFoundError) as e:
         sys.stderr.write(f"error: {str(e).splitlines()[0]}\n")
         raise SystemExit(2) from None

@@ -100,6 +100,20 @@ def test_plan_seeds_batches_by_first_index() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- the ablation
+def test_item_noise_is_per_key_and_drawn_like_the_stage() -> None:
+    from lightning_mav.diffusion import Diffusion
+
+    shape = (3, 8, 16, 16)
+    both = ev.item_noise(["a", "b"], shape, seed=0, stream="up_F")
+    assert torch.equal(both[1], ev.item_noise(["b"], shape, seed=0, stream="up_F")[0])  # batching does not matter
+    assert torch.equal(ev.item_noise(["a"], shape, seed=0, stream="up_F", diffusion=Diffusion())[0], both[0])
+    mixed = ev.item_noise([str(i) for i in range(8)], shape, seed=0, stream="up_F",
+                          diffusion=Diffusion(frame_noise_share=0.5))  # as a D_t / ↑F trained with shared noise
+    per_pixel = mixed.permute(0, 1, 3, 4, 2).reshape(-1, 8)
+    assert abs(torch.corrcoef(per_pixel.T)[0, 1:].mean().item() - 0.5) < 0.05
+    assert abs(torch.corrcoef(both.permute(0, 1, 3, 4, 2).reshape(-1, 8).T)[0, 1:].mean().item()) < 0.05
+
+
 def test_d_per_frame_treats_every_frame_alone(runs: Path) -> None:
     chain = ev.load_chain(runs, device="cpu")
     y_e = F.normalize(torch.randn(1, 16), dim=-1)

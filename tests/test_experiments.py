@@ -101,6 +101,10 @@ def test_every_paper_overlay_parses_on_its_stage(overlay: str, capsys: pytest.Ca
     for key, value in own["data"]["init_args"].items():
         assert cfg["data"]["init_args"][key] == value, key
     assert cfg["data"]["init_args"]["urls"] == "???"  # the user's shards: required, refused until given
+    if overlay == "dt.yaml":  # the demo's D_t shares noise across frames (PYoCo); the paper's does not
+        demo = printed_config(["fit", "--config", str(EXPERIMENTS / overlay)], capsys)
+        assert demo["model"]["init_args"]["diffusion"]["frame_noise_share"] == 0.5
+        assert cfg["model"]["init_args"]["diffusion"]["frame_noise_share"] == 0.0
 
 
 # --------------------------------------------------------------------------------------------------- the chain
