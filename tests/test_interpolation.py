@@ -17,6 +17,7 @@ from lightning_mav.stages.interpolation import (
     InterpolationStage,
     extrapolation_mask,
     interpolation_mask,
+    linear_blend,
     mask_condition,
     random_masks,
 )
@@ -204,17 +205,43 @@ def test_interpolate_16_to_76_in_windows_keeping_known_frames(chain: dict) -> No
         up_F.interpolate(video, 16, image_embed=y_e, steps=1)
 
 
-def test_known_frames_are_written_back_into_x_t(chain: dict) -> None:
-    up_F = InterpolationStage(unet=DT_UNET, image_size=16, init_from=chain["dt_ckpt"]).eval()
+@pytest.mark.parametrize("residual", [True, False])
+def test_known_frames_are_written_back_into_x_t(chain: dict, residual: bool) -> None:
+    up_F = InterpolationStage(unet=DT_UNET, image_size=16, init_from=chain["dt_ckpt"], residual=residual).eval()
     calls = spy_unet(up_F)
     video, y_e = torch.rand(1, 3, 6, 16, 16) * 2 - 1, inputs(1)["y_e"]
     known, noise = interpolation_mask(6, 5), torch.randn(1, 3, 6, 16, 16)
     out = up_F.sample(y_e, video=video, known=known, noise=noise, steps=3)
     assert torch.equal(out[:, :, known], video[:, :, known])
-    for call in calls:  # at every step the network sees the known frames at that step's noise level
-        expected = up_F.diffusion.q_sample(video, call["t"], noise)
+    # at every step the network sees the known frames at that step's noise level: the frames themselves, or with
+    # residual their difference to the linear blend, which is 0 there
+    modelled = torch.zeros_like(video) if residual else video
+    for i, call in enumerate(calls):
+        expected = up_F.diffusion.q_sample(modelled, call["t"], noise)
         torch.testing.assert_close(call["x"][:, :, known], expected[:, :, known])
-        assert not torch.allclose(call["x"][:, :, ~known], expected[:, :, ~known])
+        if i:  # (the first call sees the initial noise everywhere)
+            assert not torch.allclose(call["x"][:, :, ~known], expected[:, :, ~known])
+
+
+def test_residual_diffuses_the_difference_to_the_linear_blend(monkeypatch: pytest.MonkeyPatch) -> None:
+    ramp = torch.arange(6.0).view(1, 1, 6, 1, 1).expand(2, 2, 6, 1, 1).clone()
+    ramp[1] = ramp[1] ** 2
+    known = torch.tensor([[False, True, False, False, True, False], [True, False, False, False, False, True]])
+    blend = linear_blend(ramp, known)[:, 0, :, 0, 0]
+    torch.testing.assert_close(blend[0], torch.tensor([1.0, 1.0, 2.0, 3.0, 4.0, 4.0]))  # nearest known at the ends
+    torch.testing.assert_close(blend[1], torch.tensor([0.0, 5.0, 10.0, 15.0, 20.0, 25.0]))  # known ones unchanged
+    assert not linear_blend(ramp, torch.zeros(2, 6, dtype=torch.bool)).any()
+    # training target: the clip minus the blend of its known frames (so exactly 0 at the known ones)
+    stage = InterpolationStage(unet={"dim": 8, "dim_mults": (1,), "num_res_blocks": 1, "attn_levels": ()},
+                               image_size=8, num_frames=6, sample_steps=2)
+    targets: list[torch.Tensor] = []
+    original = stage.diffusion.loss
+    monkeypatch.setattr(stage.diffusion, "loss", lambda fn, x0, **kw: targets.append(x0) or original(fn, x0, **kw))
+    batch = {"video": torch.rand(2, 6, 3, 8, 8) * 2 - 1, "fps": torch.tensor([8.0, 8.0])}
+    masks = random_masks(2, 6, stage.skips, stage.extrapolation_prob, torch.Generator().manual_seed(0))
+    stage.compute_loss(batch, generator=torch.Generator().manual_seed(0))
+    x0 = rearrange(batch["video"], "b f c h w -> b c f h w")
+    torch.testing.assert_close(targets[0], x0 - linear_blend(x0, masks))
 
 
 def test_extend_forwards_and_backwards(chain: dict) -> None:

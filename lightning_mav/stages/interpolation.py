@@ -18,6 +18,13 @@ would dilute the gradient of the frames that matter. Measured on Moving Shapes (
 known, 500 steps from scratch): 24.0 dB PSNR on held-out in-between frames with the unknown-only loss, 23.4 dB
 with every frame counted (which only learns faster in the first ~100 steps, while the copy path is being built).
 
+``residual=True`` (the default) diffuses the difference between the clip and the linear blend of its known frames
+(:func:`linear_blend`), as the SR stages diffuse the detail over bicubic upsampling: the network adds what the blend
+gets wrong (an object that moves instead of cross-fading) instead of redrawing the frame, and the known frames are
+exactly 0 in that space. On the demo (180 steps from D_t, 16 real validation clips at skip 5) held-out frames
+scored 24.6 dB PSNR instead of 16.8 dB, and the coherence of ↑F's generated frames rose from 0.71 to 0.96; the linear
+blend itself scores 29.5 dB there. ``residual=False`` diffuses the frames themselves (then ↑F at init is D_t).
+
 Inference: :meth:`InterpolationStage.interpolate` takes ``F`` frames to ``(F - 1)·skip + 1`` (16 -> 76 at the paper's
 skip 5) by tiling it with windows of the trained length that start and end on known frames (a 16-frame window holds 4
 known frames at skip 5, and 16 frames make exactly 5 such windows); :meth:`InterpolationStage.extend` adds frames
@@ -86,6 +93,26 @@ def mask_condition(video: Tensor, known: Tensor) -> Tensor:
     return torch.cat([video * m, m.expand(-1, 1, -1, *video.shape[-2:])], dim=1)
 
 
+def linear_blend(video: Tensor, known: Tensor) -> Tensor:
+    """Every frame of ``video [B, C, F, H, W]`` as the linear blend of the nearest known frames before and after it
+    (the nearest known frame alone beyond the first / last one; zeros for a clip without known frames). Known frames
+    come back unchanged. ``known [B, F]`` bool."""
+    b, c, f, h, w = video.shape
+    pos = torch.arange(f, device=video.device, dtype=torch.float32).expand(b, f)
+    prev = torch.where(known, pos, torch.full_like(pos, -1.0)).cummax(dim=1).values  # -1: none before
+    nxt = torch.where(known, pos, torch.full_like(pos, float(f))).flip(1).cummin(dim=1).values.flip(1)  # f: none after
+    prev, nxt = torch.where(prev < 0, nxt, prev), torch.where(nxt >= f, prev, nxt)
+    weight = torch.where(nxt > prev, (pos - prev) / (nxt - prev).clamp_min(1), torch.zeros_like(pos))  # of `nxt`
+
+    def frames_at(index: Tensor) -> Tensor:
+        index = index.clamp(0, f - 1).long()[:, None, :, None, None].expand(b, c, f, h, w)
+        return torch.gather(video, 2, index)
+
+    weight = weight[:, None, :, None, None].to(video.dtype)
+    blend = (1 - weight) * frames_at(prev) + weight * frames_at(nxt)
+    return blend * known.any(dim=1)[:, None, None, None, None].to(video.dtype)
+
+
 def write_back(x: Tensor, known_frames: Tensor, known: Tensor) -> Tensor:
     """``x`` ``[B, C, F, H, W]`` with the known frames replaced by ``known_frames`` (same shape); ``known [B, F]``."""
     return torch.where(known[:, None, :, None, None], known_frames.to(x.dtype), x)
@@ -104,6 +131,9 @@ class InterpolationStage(DecoderStage):
         skips: frame skips ``k`` of the interpolation masks (paper: 5). Several teach one network every factor.
         extrapolation_prob: fraction of masks that keep a prefix or suffix instead.
         loss_on_known: also count the known frames in the loss (see the module docstring for why not).
+        residual: diffuse the difference to the linear blend of the known frames (:func:`linear_blend`) instead of
+            the frames themselves, as the SR stages do over bicubic upsampling: the network only adds what the blend
+            gets wrong, and its known frames are exactly 0.
         guidance_scale: default guidance of :meth:`sample`; the known frames already pin the content, so 1
             (no guidance, half the compute) is the default.
         freeze_spatial: train only the new ``extra_in`` convolution (the rest stays D_t).
@@ -122,6 +152,7 @@ class InterpolationStage(DecoderStage):
         skips: Sequence[int] = (2, 3, 4, 5),
         extrapolation_prob: float = 0.25,
         loss_on_known: bool = False,
+        residual: bool = True,
         cond_drop_prob: float = 0.1,
         cond_frame: Literal["middle", "first", "random"] = "middle",
         init_from: str | None = None,
@@ -150,12 +181,12 @@ class InterpolationStage(DecoderStage):
                          betas=betas, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
                          media_batch_size=media_batch_size, media_seed=media_seed, nonfinite=nonfinite)
         self.num_frames, self.skips = num_frames, tuple(int(k) for k in skips)
-        self.extrapolation_prob, self.loss_on_known = extrapolation_prob, loss_on_known
+        self.extrapolation_prob, self.loss_on_known, self.residual = extrapolation_prob, loss_on_known, residual
 
     # ------------------------------------------------------------------ the network with its conditioning
     def model_fn(self, image_embed: Tensor | None, *, fps: Tensor | None = None, drop: Tensor | None = None,
                  time: bool = True, frames: Tensor | None = None, known: Tensor | None = None,
-                 known_noise: Tensor | None = None):
+                 known_noise: Tensor | None = None, known_x0: Tensor | None = None):
         """``(x_t, t, drop_cond=None) -> output``: the U-Net with y_e, fps and the known frames bound.
 
         Args:
@@ -163,13 +194,15 @@ class InterpolationStage(DecoderStage):
             known: ``[B, F]`` bool.
             known_noise: sampling only: ``[B, 3, F, H, W]`` noise with which the known frames are written back into
                 ``x_t`` at the step's noise level before every call, as they appear in training.
+            known_x0: what the diffusion models at the known frames (default ``frames``; zeros with ``residual``).
         """
+        known_x0 = frames if known_x0 is None else known_x0
         extra = mask_condition(frames, known)
 
         def fn(x_t: Tensor, t: Tensor, drop_cond: bool | Tensor | None = None) -> Tensor:
             b = x_t.shape[0]  # 2B under batched guidance: repeat the conditioning
             if known_noise is not None:
-                noised = self.diffusion.q_sample(repeat_to_batch(frames, b), t, repeat_to_batch(known_noise, b))
+                noised = self.diffusion.q_sample(repeat_to_batch(known_x0, b), t, repeat_to_batch(known_noise, b))
                 x_t = write_back(x_t, noised, repeat_to_batch(known, b))
             d = drop if drop_cond is None else torch.as_tensor(drop_cond, device=x_t.device).expand(b)
             return self.unet(x_t, t, image_embed=repeat_to_batch(image_embed, b), fps=repeat_to_batch(fps, b),
@@ -191,7 +224,8 @@ class InterpolationStage(DecoderStage):
             drop = torch.rand(b, generator=generator).to(video.device) < self.cond_drop_prob
         weights = None if self.loss_on_known else (~known)[:, None, :, None, None].float()  # [B, 1, F, 1, 1]
         fn = self.model_fn(image_embed, fps=fps, drop=drop, frames=x0, known=known)
-        return self.diffusion.loss(fn, x0, weights=weights, generator=generator), b
+        target = x0 - linear_blend(x0, known) if self.residual else x0
+        return self.diffusion.loss(fn, target, weights=weights, generator=generator), b
 
     # ------------------------------------------------------------------ sampling
     def _conditioning(self, video: Tensor, image_embed: Tensor | None, fps: float | Tensor | None):
@@ -244,11 +278,14 @@ class InterpolationStage(DecoderStage):
             noise = self.diffusion.noise(video.shape, generator=generator, device=self.device)
         noise = noise.to(self.device, torch.float32)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        fn = self.model_fn(image_embed, fps=fps, frames=video, known=known, known_noise=noise)
+        base = linear_blend(video, known) if self.residual else None
+        fn = self.model_fn(image_embed, fps=fps, frames=video, known=known, known_noise=noise,
+                           known_x0=None if base is None else video - base)
         out = self.diffusion.sample(fn, noise=noise, steps=steps or self.sample_steps, sampler=sampler or self.sampler,
                                     guidance_scale=scale if image_embed is not None else 1.0,
                                     generator=generator, progress=progress, device=self.device)
-        return write_back(out.float(), video, known)
+        out = out.float() if base is None else (out.float() + base).clamp(-1, 1)
+        return write_back(out, video, known)
 
     @torch.no_grad()
     def interpolate(
