@@ -21,7 +21,7 @@ with every frame counted (which only learns faster in the first ~100 steps, whil
 ``residual=True`` (the default) diffuses the difference between the clip and the linear blend of its known frames
 (:func:`linear_blend`), as the SR stages diffuse the detail over bicubic upsampling: the network adds what the blend
 gets wrong (an object that moves instead of cross-fading) instead of redrawing the frame, and the known frames are
-exactly 0 in that space. On the demo (180 steps from D_t, 16 real validation clips at skip 5) held-out frames
+exactly 0 in that space. On the demo (180 steps from D_t, 8 real validation clips at skip 5) held-out frames
 scored 24.6 dB PSNR instead of 16.8 dB, and the coherence of ↑F's generated frames rose from 0.71 to 0.96; the linear
 blend itself scores 29.5 dB there. ``residual=False`` diffuses the frames themselves (then ↑F at init is D_t).
 
