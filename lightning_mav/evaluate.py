@@ -11,6 +11,8 @@ Scores (``EvalMetrics``; every one a ``torchmetrics.Metric`` with summed states,
   (before super-resolution: the shapes are segmented at the low resolution they are generated at), and the
   paper's ablation: the same prompts, image embeddings ``y_e`` and initial noise through D applied frame by frame
   (D_t's U-Net with ``time=False``: temporal layers and fps embedding off), scored on coherence next to D_t;
+- motion: how far D_t's object moves per frame next to the objects of real validation clips at the same frame rate
+  and size (and those clips' coherence, the metric's ceiling on this data);
 - CLIPSIM of the final frames with the suite's own CLIP (the ``C_x`` P was trained with; *not* ViT-B/32, so not on
   the paper's 0.3049 scale);
 - FVD against real clips of the validation video shards, only with local I3D weights (``--i3d PATH``);
@@ -483,8 +485,8 @@ class EvalMetrics(nn.Module):
         i3d: local I3D weights for FVD (a path, or a feature network); None: no FVD.
         fvd_samples: FVD's videos per side (2048, the usual protocol; None counts all).
 
-    ``update_generated(Generated-like frames, prompts)``, ``update_fvd_real(videos)``, ``update_psnr(stage,
-    scores, n)``; :meth:`results` -> ``{name: {"value": float | str, "about": str}}``.
+    ``update_generated(Generated-like frames, prompts)``, ``update_fvd_real(videos)``, ``update_real_motion(videos)``,
+    ``update_psnr(stage, scores, n)``; :meth:`results` -> ``{name: {"value": float | str, "about": str}}``.
     """
 
     def __init__(self, clip: nn.Module, *, i3d: str | Path | nn.Module | None = None,
@@ -493,6 +495,7 @@ class EvalMetrics(nn.Module):
         self.faithfulness = ShapesFaithfulness()
         self.faithfulness_per_frame = ShapesFaithfulness()  # the ablation's: is a miss D's (text->image) or D_t's?
         self.coherence = nn.ModuleDict({name: TemporalCoherence() for name in _COHERENCE})
+        self.coherence_real = TemporalCoherence()  # real clips at D_t's fps and size: the reference for motion
         self.not_shapes = SumMetric()  # prompts the shapes metrics cannot score
         self.clipsim = CLIPSIM(clip)
         self.clip_name = str(getattr(clip, "model_name", type(clip).__name__))
@@ -521,6 +524,10 @@ class EvalMetrics(nn.Module):
         """Real clips ``[B, 3, F, H, W]`` for FVD's reference side."""
         if self.fvd is not None:
             self.fvd.update(videos.to(self.fvd.device), real=True)  # I3D runs where the metric lives
+
+    def update_real_motion(self, videos: Tensor) -> None:
+        """Real clips ``[B, 3, F, H, W]`` at D_t's frame count, fps and size: coherence and speed of real objects."""
+        self.coherence_real.update(videos)
 
     def update_psnr(self, stage: str, scores: dict[str, Tensor], n: int) -> None:
         """One batch's ``interpolation_psnr`` / ``sr_psnr`` result, weighted by its ``n`` items."""
@@ -576,6 +583,18 @@ class EvalMetrics(nn.Module):
                 shapes_reason)
             put("coherence/up_F", coherence["up_F"]["coherence"],
                 "temporal coherence of ↑F's interpolated frames (before SR)", skipped.get("up_F") or shapes_reason)
+            real_reason = shapes_reason or skipped.get("real")
+            real = None if real_reason else self.coherence_real.compute()
+            put("coherence/real", None if real is None else real["coherence"],
+                "temporal coherence of real validation clips (D_t's frame count, fps and size): the ceiling on this data",
+                real_reason)
+            speed = "median step of the object's centroid between frames (fraction of the frame side)"
+            put("motion/D_t/speed", coherence["D_t"]["speed"], f"{speed} in D_t's frames", shapes_reason)
+            put("motion/real/speed", None if real is None else real["speed"],
+                f"{speed} in real validation clips at the same fps", real_reason)
+            put("motion/speed_ratio", None if real is None else coherence["D_t"]["speed"] / real["speed"],
+                "motion/D_t/speed over motion/real/speed: 1 when D_t's objects move as fast as real ones, < 1 slower",
+                real_reason)
 
             clip_about = (f"CLIPSIM (mean cosine of frame and prompt) of the final frames with the suite's own CLIP "
                           f"({self.clip_name}, the C_x P was trained with) - not ViT-B/32, not the paper's scale")
@@ -668,7 +687,7 @@ class RealData:
 
     videos: str
     images: str
-    clips: int = 16  # real clips / images per PSNR score (↑F, SR_l, SR_t, SR_h)
+    clips: int = 16  # real clips / images per PSNR score (↑F, SR_l, SR_t, SR_h) and for the motion reference
     fvd_videos: int = 2048  # real clips for FVD (at most; the shards may hold fewer)
     batch_size: int = 4
 
@@ -727,10 +746,17 @@ def score_super_resolution(stage: str, module: SuperResStage, pipe: MakeAVideoPi
 
 def score_real_data(chain: Chain, metrics: EvalMetrics, real: RealData, settings: GenerationSettings, *,
                     seed: int) -> dict[str, str]:
-    """FVD's real side, ↑F PSNR and SR PSNR on real validation data; returns why any of them was not computed."""
+    """FVD's real side, real motion, ↑F PSNR and SR PSNR on real validation data; returns why any of them was not
+    computed."""
     pipe, skipped = chain.pipe, {}
     no_videos = _shards_reason(real.videos, "validation video shards")
     no_images = _shards_reason(real.images, "validation image shards")
+    if no_videos:
+        skipped["real"] = no_videos
+    else:  # the clips D_t's frames are compared with: same frame count, fps and size
+        for clips, _, _ in real_batches(real.videos, "videos", size=pipe.D_t.image_size, limit=real.clips,
+                                        batch_size=real.batch_size, num_frames=settings.num_frames, fps=settings.fps):
+            metrics.update_real_motion(clips)
     if metrics.fvd is not None:
         if no_videos:
             skipped["fvd"] = no_videos
@@ -809,7 +835,8 @@ def evaluate(
         real_videos, real_images: validation shards (default ``<data>/videos/val-*.tar``, ``<data>/images/val-*.tar``).
         num_frames, fps, skip, steps, guidance, stop_after, seed: the pipeline's options.
         batch_size: prompts per pipeline call (part of every sample's key).
-        eval_clips: real clips / images per PSNR score; fvd_videos: real clips for FVD at most.
+        eval_clips: real clips / images per PSNR score and for the real motion reference; fvd_videos: real clips
+            for FVD at most.
         quick: 2 sampling steps (unless ``steps``), at most 2 prompts, 2 clips per PSNR score (checks plumbing).
 
     Returns:
@@ -1001,7 +1028,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", type=int, default=5, help="↑F frame-rate factor")
     p.add_argument("--stop-after", choices=["D_t", "up_F", "SR_t", "SR_h", "dt", "interp", "sr_t", "sr_h"])
     p.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call")
-    p.add_argument("--eval-clips", type=int, default=16, help="real clips / images per PSNR score")
+    p.add_argument("--eval-clips", type=int, default=16,
+                   help="real clips / images per PSNR score and for the real motion reference")
     p.add_argument("--fvd-videos", type=int, default=2048, help="real clips for FVD (at most)")
     p.add_argument("--device", default=None)
     p.add_argument("--quick", action="store_true", help="2 steps, 2 prompts (checks the plumbing only)")

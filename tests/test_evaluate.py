@@ -17,12 +17,14 @@ from torch import Tensor, nn
 import lightning_mav.evaluate as ev
 from lightning_mav.cli import EXPERIMENTS, MAVCLI
 from lightning_mav.media import read_video
+from lightning_mav.metrics import TemporalCoherence
 
 EXPECTED = {
     "shapes/color", "shapes/shape", "shapes/size", "shapes/all",
     "shapes/D_per_frame/color", "shapes/D_per_frame/shape", "shapes/D_per_frame/size",
     "coherence/D_t", "coherence/D_t/smoothness",
     "coherence/D_per_frame", "coherence/D_per_frame/smoothness", "coherence/gain", "coherence/up_F",
+    "coherence/real", "motion/D_t/speed", "motion/real/speed", "motion/speed_ratio",
     "clipsim/suite_clip", "fvd", "interp/psnr", "interp/linear_blend_psnr", "interp/gain",
     *(f"sr/{s}/{m}" for s in ("SR_l", "SR_t", "SR_h") for m in ("psnr", "bicubic_psnr", "gain")),
 }
@@ -200,6 +202,17 @@ def test_evaluate_writes_metrics_videos_and_reuses_samples(runs: Path, shapes_ro
         "D_t": (4, 3, 8, 8), "up_F": (16, 3, 8, 8), "SR_t": (16, 3, 16, 16), "D_per_frame": (4, 3, 8, 8)}
     assert stored["frames"]["SR_t"].dtype == torch.uint8
     assert (out / "tb").is_dir() and any((out / "tb").iterdir())
+    # Motion's reference: the real validation clips (quick: 2) at D_t's frame count, default fps (6) and size.
+    real = TemporalCoherence()
+    for clips, _, _ in ev.real_batches(str(shapes_root / "videos" / "val-*.tar"), "videos", size=8, limit=2,
+                                       num_frames=4, fps=6.0):
+        real.update(clips)
+    real_scores = real.compute()
+    assert float(real_scores["speed"]) > 0
+    assert metrics["motion/real/speed"]["value"] == pytest.approx(float(real_scores["speed"]))
+    assert metrics["coherence/real"]["value"] == pytest.approx(float(real_scores["coherence"]))
+    assert metrics["motion/speed_ratio"]["value"] == pytest.approx(
+        metrics["motion/D_t/speed"]["value"] / metrics["motion/real/speed"]["value"])
 
     # Run again through `mav evaluate`: every sample is reused, nothing generated or rewritten.
     files = [*samples, *(out / "videos").iterdir(), *(out / "sheets").iterdir()]

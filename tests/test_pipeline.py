@@ -12,6 +12,7 @@ from PIL import Image
 from lightning_mav.checkpoints import CheckpointError
 from lightning_mav.media import read_video
 from lightning_mav.pipeline import (
+    CPU_FRAME_BATCH,
     MakeAVideoPipeline,
     default_checkpoint,
     frame_shared_noise,
@@ -125,6 +126,14 @@ def test_sr_h_starts_every_frame_from_the_same_noise(runs: Path, monkeypatch: py
     assert all(c["sampler"] == "ddim" for c in calls)  # deterministic: that noise is the only randomness
     lowres = torch.cat([c["lowres"] for c in calls]).view(2, 4, 3, 8, 8)
     assert not torch.equal(lowres[:, 0], lowres[:, 1])  # the frames themselves differ
+
+    # The CPU's default chunks (CPU_FRAME_BATCH) and one call for all 8 frames make the same frames.
+    calls.clear()
+    default = pipe(["a blue square", "a red circle"], num_frames=4, steps=2, seed=0, progress=False)
+    assert [c["noise"].shape[0] for c in calls] == [CPU_FRAME_BATCH, 8 - CPU_FRAME_BATCH]
+    whole = pipe(["a blue square", "a red circle"], num_frames=4, steps=2, seed=0, frame_batch=8, progress=False)
+    torch.testing.assert_close(default, whole, rtol=0, atol=1e-5)
+    torch.testing.assert_close(default, frames, rtol=0, atol=1e-5)
 
 
 def test_wrong_or_missing_checkpoints_are_one_line_errors(runs: Path, tmp_path: Path,

@@ -114,8 +114,11 @@ def test_ground_truth_scores_near_100_percent() -> None:
     coherence.update(videos)
     for name, value in faithfulness.compute().items():
         assert float(value) >= 0.97, (name, float(value))
-    for name, value in coherence.compute().items():
-        assert float(value) >= 0.97, (name, float(value))
+    scores = coherence.compute()
+    for name in (*TemporalCoherence.components, "coherence"):
+        assert float(scores[name]) >= 0.97, (name, float(scores[name]))
+    # the renderer's speeds: 0.3-0.8 sides per second, 24 frames per second
+    assert 0.3 / 24 < float(scores["speed"]) < 0.8 / 24
     # Images count as one-frame videos (for the image stages).
     images = videos[:, :, 0]
     single = ShapesFaithfulness()
@@ -164,6 +167,22 @@ def test_coherence_catches_frame_by_frame_generation_and_still_videos() -> None:
     coherence.update(still[None])
     scores = coherence.compute()
     assert float(scores["moving"]) == 0.0 and float(scores["smoothness"]) == 1.0
+    assert float(scores["speed"]) == 0.0
+
+
+@pytest.mark.parametrize("pixels_per_frame", [1.0, 2.0])
+def test_speed_is_the_objects_step_per_frame(pixels_per_frame: float) -> None:
+    # A medium square sliding right at a constant velocity, no bounce within the 12 frames.
+    obj = {"shape": "square", "color": "green", "size_px": SIZES["medium"] * SIZE, "start_xy": [6.0, 16.0],
+           "velocity_xy": [pixels_per_frame * 24, 0.0]}
+    video = _to_tensor([render_video_frame([obj], t / 24, SIZE, "black") for t in range(12)])
+    coherence = TemporalCoherence()
+    coherence.update(video[None])
+    scores = coherence.compute()
+    assert float(scores["speed"]) == pytest.approx(pixels_per_frame / SIZE, rel=0.2)
+    # speed is reported next to the coherence, not averaged into it
+    parts = [float(scores[name]) for name in TemporalCoherence.components]
+    assert float(scores["coherence"]) == pytest.approx(sum(parts) / len(parts))
 
 
 def _decode_mp4(data: bytes, num_frames: int) -> list[np.ndarray]:

@@ -293,6 +293,11 @@ class TemporalCoherence(Metric):
     - ``moving``: 1 if the centroid's range over the video reaches ``min_travel`` (fraction of the side);
     - ``coherence``: the mean of the five.
 
+    Besides: ``speed``, the median step of the centroid between consecutive frames (fraction of the side per
+    frame; 0 without two consecutive detections). Not part of ``coherence``: it has no right value on its own,
+    only next to real clips at the same frame rate (``moving`` is passed by any jitter; ``speed`` tells whether
+    objects move as fast as the data's).
+
     ``update(videos [B, 3, F, H, W] in [-1, 1])``, F >= 3; ``compute()`` -> dict of float64 scalars, means
     over videos.
     """
@@ -316,16 +321,16 @@ class TemporalCoherence(Metric):
         super().__init__(**kwargs)
         self.area_tolerance, self.max_acceleration, self.min_travel = area_tolerance, max_acceleration, min_travel
         self.detect_kwargs = {"threshold": threshold, "min_area": min_area, "max_area": max_area}
-        for name in self.components:
+        for name in (*self.components, "speed"):
             self.add_state(f"{name}_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def score_video(self, detections: Sequence[DetectedObject | None]) -> dict[str, float]:
-        """The five components for one video's per-frame detections."""
+        """The five components and ``speed`` for one video's per-frame detections."""
         frames = len(detections)
         found = [obj for obj in detections if obj is not None]
         if not found:
-            return dict.fromkeys(self.components, 0.0)
+            return dict.fromkeys((*self.components, "speed"), 0.0)
         modal_color = Counter(obj.color for obj in found).most_common(1)[0][0]
         median_area = float(np.median([obj.area for obj in found]))
         centers = [None if obj is None else np.array(obj.center_xy) for obj in detections]
@@ -336,6 +341,8 @@ class TemporalCoherence(Metric):
             and np.linalg.norm(nxt - 2 * cur + prev) <= self.max_acceleration
         )
         path = np.stack([c for c in centers if c is not None])
+        steps = [np.linalg.norm(cur - prev) for prev, cur in zip(centers, centers[1:])
+                 if prev is not None and cur is not None]
         return {
             "presence": len(found) / frames,
             "color_stability": sum(obj.color == modal_color for obj in found) / frames,
@@ -343,6 +350,7 @@ class TemporalCoherence(Metric):
             / frames,
             "smoothness": smooth / (frames - 2),
             "moving": float((path.max(axis=0) - path.min(axis=0)).max() >= self.min_travel),
+            "speed": float(np.median(steps)) if steps else 0.0,
         }
 
     def update(self, videos: Tensor) -> None:
@@ -355,10 +363,11 @@ class TemporalCoherence(Metric):
             self.count += 1
 
     def compute(self) -> dict[str, Tensor]:
-        """Mean over videos of each component, and ``coherence``, their mean."""
+        """Mean over videos of each component, ``coherence`` (their mean) and ``speed``."""
         n = self.count.double()
         scores = {name: getattr(self, f"{name}_sum") / n for name in self.components}
         scores["coherence"] = torch.stack(list(scores.values())).mean()
+        scores["speed"] = self.speed_sum / n
         return scores
 
 
