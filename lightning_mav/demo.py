@@ -55,7 +55,7 @@ def train_stage(stage: str, *, data: Path, runs: Path, max_steps: int | None = N
 
 
 def run_demo(*, data: Path = Path("data/shapes"), runs: Path = Path("runs"), force: bool = False,
-             quick: bool = False, num_prompts: int = 8, stages: Sequence[str] | None = None) -> Path:
+             quick: bool = False, num_prompts: int = 4, stages: Sequence[str] | None = None) -> Path:
     """Train every stage that is not done yet, then evaluate the chain and write ``runs/demo/report.md``.
 
     ``runs`` must be the folder the stage YAMLs chain through (``runs/<parent>/checkpoints/last.ckpt``, relative to
@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--data", type=Path, default=Path("data/shapes"), help="Moving Shapes root")
     parser.add_argument("--force", action="store_true", help="retrain finished stages and regenerate the data")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage (checks the plumbing only)")
-    parser.add_argument("--prompts", type=int, default=8, help="held-out prompts to generate videos for")
+    parser.add_argument("--prompts", type=int, default=4, help="held-out prompts to generate videos for")
     parser.add_argument("--stages", nargs="*", default=None, help="train only these stages")
     args = parser.parse_args(argv)
     return run_demo(data=args.data, force=args.force, quick=args.quick, num_prompts=args.prompts,
