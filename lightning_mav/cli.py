@@ -82,7 +82,8 @@ def config_error(error: BaseException, cfg: Any) -> str:
 
     The reason is the innermost error (jsonargparse wraps a constructor's exception in a list of Union attempts);
     the key is the config entry the error talks about: an unknown keyword names a dict key, otherwise a value
-    (a path...) quoted in the message names its key; else the section (``model``/``data``/``trainer``).
+    (a path...) quoted in the message names its key, or the option the message starts with ("clip_sample must
+    be ..."); else the section (``model``/``data``/``trainer``).
     """
     root, seen = error, set()
     while (root.__cause__ or root.__context__) is not None and id(root) not in seen:
@@ -98,10 +99,17 @@ def config_error(error: BaseException, cfg: Any) -> str:
         for key, _ in leaves:
             if key.rsplit(".", 1)[-1] == unknown.group(1):
                 return f"{key}: unknown key ({reason})"
-    quoted = [(k, v) for k, v in leaves if isinstance(v, str) and len(v) >= 3 and v in reason]
+    # a value the message names as a whole token ("got 'abc'", "not found: runs/x.ckpt"), not inside a longer word
+    # (the "min" of ModelCheckpoint's mode is inside "min_snr_gamma")
+    quoted = [(k, v) for k, v in leaves if isinstance(v, str) and len(v) >= 3
+              and re.search(rf"(?<![\w/.-]){re.escape(v)}(?![\w/-])", reason)]
     if quoted:
         key = max(quoted, key=lambda kv: len(kv[1]))[0]  # the most specific value mentioned
         return f"{key}: {reason}"
+    subject = re.match(r"\w+", reason)  # "clip_sample must be positive ...": the option the message is about
+    named = [k for k, _ in leaves if subject and k.rsplit(".", 1)[-1] == subject.group()]
+    if len(named) == 1:
+        return f"{named[0]}: {reason}"
     section = next((s for s in ("model", "data", "trainer") if f"'{s}'" in str(error) or s in str(error)[:200]), "")
     return f"{section}: {reason}" if section else reason
 

@@ -83,8 +83,18 @@ class Diffusion:
             raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
         if objective not in PREDICTION_TYPES:
             raise ValueError(f"objective must be one of {list(PREDICTION_TYPES)}, got {objective!r}")
+        # configs reach here as untyped dicts (``diffusion: {...}`` in a YAML): check types before comparing
+        for name, value, optional in (("timesteps", timesteps, False), ("clip_sample", clip_sample, True),
+                                      ("min_snr_gamma", min_snr_gamma, True),
+                                      ("frame_noise_share", frame_noise_share, False)):
+            if not (value is None and optional) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise TypeError(f"{name} must be a number{' or null' if optional else ''}, got {value!r}")
+        if not isinstance(timesteps, int) or timesteps < 2:
+            raise ValueError(f"timesteps must be an integer >= 2, got {timesteps!r}")
+        if clip_sample is not None and clip_sample <= 0:
+            raise ValueError(f"clip_sample must be positive (or null), got {clip_sample}")
         if min_snr_gamma is not None and min_snr_gamma <= 0:
-            raise ValueError(f"min_snr_gamma must be positive (or None), got {min_snr_gamma}")
+            raise ValueError(f"min_snr_gamma must be positive (or null), got {min_snr_gamma}")
         if not 0.0 <= frame_noise_share < 1.0:
             raise ValueError(f"frame_noise_share must be in [0, 1), got {frame_noise_share}")
         self.timesteps, self.schedule, self.objective, self.clip_sample = timesteps, schedule, objective, clip_sample

@@ -568,10 +568,13 @@ class EvalMetrics(nn.Module):
                     f"the prompt's {key}, D (text -> image) or the temporal fine-tuning", shapes_reason)
             coherence = {name: self.coherence[name].compute() for name in _COHERENCE}
             put("coherence/D_t", coherence["D_t"]["coherence"],
-                "temporal coherence of D_t's frames, 0-1: one object, stable colour and area, smooth path, moving",
-                shapes_reason)
+                "temporal coherence of D_t's frames, 0-1: one object, stable colour and area, smooth path, moving, "
+                "steady background", shapes_reason)
             put("coherence/D_t/smoothness", coherence["D_t"]["smoothness"],
                 "fraction of D_t's inner frames whose object path has no jump", shapes_reason)
+            put("coherence/D_t/background", coherence["D_t"]["background_stability"],
+                "fraction of D_t's frames whose background matches the video's (no switch or fade between the "
+                "data's black, gray and white)", shapes_reason)
             put("coherence/D_per_frame", coherence["D_per_frame"]["coherence"],
                 "ablation: D per frame (D_t's U-Net, time=False; same prompts, y_e and noise) scored like D_t",
                 shapes_reason)

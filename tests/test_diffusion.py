@@ -212,3 +212,17 @@ def test_frame_noise_share_correlates_video_frames_only() -> None:
         assert torch.corrcoef(frames.T)[0, 1:].mean() > 0.3
     with pytest.raises(ValueError, match="frame_noise_share"):
         Diffusion(frame_noise_share=1.0)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"min_snr_gamma": "abc"}, TypeError, "min_snr_gamma must be a number or null, got 'abc'"),
+    ({"clip_sample": "1"}, TypeError, "clip_sample must be a number or null, got '1'"),
+    ({"frame_noise_share": None}, TypeError, "frame_noise_share must be a number, got None"),
+    ({"timesteps": 2.5}, ValueError, "timesteps must be an integer >= 2, got 2.5"),
+    ({"timesteps": True}, TypeError, "timesteps must be a number, got True"),
+    ({"clip_sample": -1.0}, ValueError, r"clip_sample must be positive \(or null\), got -1.0"),
+])
+def test_bad_options_name_themselves(kwargs: dict, error: type, message: str) -> None:
+    """Options arrive from untyped YAML dicts (``diffusion: {...}``): a wrong type is named, not a bare TypeError."""
+    with pytest.raises(error, match=f"^{message}$"):
+        Diffusion(**kwargs)

@@ -22,7 +22,7 @@ from lightning_mav.metrics import TemporalCoherence
 EXPECTED = {
     "shapes/color", "shapes/shape", "shapes/size", "shapes/all",
     "shapes/D_per_frame/color", "shapes/D_per_frame/shape", "shapes/D_per_frame/size",
-    "coherence/D_t", "coherence/D_t/smoothness",
+    "coherence/D_t", "coherence/D_t/smoothness", "coherence/D_t/background",
     "coherence/D_per_frame", "coherence/D_per_frame/smoothness", "coherence/gain", "coherence/up_F",
     "coherence/real", "motion/D_t/speed", "motion/real/speed", "motion/speed_ratio",
     "clipsim/suite_clip", "fvd", "interp/psnr", "interp/linear_blend_psnr", "interp/gain",

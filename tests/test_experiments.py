@@ -195,6 +195,13 @@ BAD = {
     "wrong type in a YAML": (lambda t: ["--config", str(EXPERIMENTS / "decoder.yaml"), "--config",
                                         bad_yaml(t, "data:\n  init_args:\n    batch_size: lots\n")],
                              "error: data.init_args.batch_size: expected int"),
+    "wrong type in a network config": (lambda t: ["--config", str(EXPERIMENTS / "sr_l.yaml"),
+                                                  "--model.init_args.diffusion.min_snr_gamma", "abc"],
+                                       "error: model.init_args.diffusion.min_snr_gamma: min_snr_gamma must be a "
+                                       "number or null, got 'abc'"),
+    "bad value in a network config": (lambda t: ["--config", str(EXPERIMENTS / "sr_l.yaml"),
+                                                 "--model.init_args.diffusion.clip_sample", "-1"],
+                                      "error: model.init_args.diffusion.clip_sample: clip_sample must be positive"),
     "missing required value": (lambda t: ["--config", str(EXPERIMENTS / "sr_l.yaml"), "--config",
                                           str(EXPERIMENTS / "paper" / "sr_l.yaml")],
                                "error: data.init_args.urls: missing required value"),
@@ -225,3 +232,14 @@ def test_bad_config_fails_before_training_with_one_line(case: str, tmp_path: Pat
     lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("Seed set")]
     assert len(lines) == 1 and lines[0].startswith(expected), err
     assert not (tmp_path / "runs").exists()  # nothing was built or trained
+
+
+def test_null_for_one_key_of_a_network_config(shapes_root: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--model.init_args.diffusion.min_snr_gamma null` switches the weighting off (jsonargparse hands the stage the
+    text "None" for it), and what the stage saves is the real null."""
+    monkeypatch.chdir(tmp_path)
+    cli = MAVCLI(args=fit_args("sr_l", shapes_root, "--trainer.fast_dev_run", "1",
+                               "--model.init_args.diffusion.min_snr_gamma", "null"))
+    assert cli.model.diffusion.min_snr_gamma is None and cli.model.hparams.diffusion["min_snr_gamma"] is None
+    assert cli.model.diffusion.clip_sample == 1.0  # the other defaults still filled in

@@ -170,6 +170,29 @@ def test_coherence_catches_frame_by_frame_generation_and_still_videos() -> None:
     assert float(scores["speed"]) == 0.0
 
 
+def test_coherence_catches_a_background_that_switches_or_fades() -> None:
+    # The same moving object; its background switches from white to gray for 4 of 16 frames, or fades to gray.
+    obj = {"shape": "circle", "color": "blue", "size_px": SIZES["medium"] * SIZE, "start_xy": [8.0, 16.0],
+           "velocity_xy": [12.0, 0.0]}
+    white, gray = np.array(BACKGROUNDS["white"]), np.array(BACKGROUNDS["gray"])
+    steady = [render_video_frame([obj], t / 24, SIZE, "white") for t in range(16)]
+    switched = [render_video_frame([obj], t / 24, SIZE, "gray" if 5 <= t < 9 else "white") for t in range(16)]
+    faded = [render_video_frame([obj], t / 24, SIZE, [int(c) for c in white + (gray - white) * t / 15])
+             for t in range(16)]
+    scores = {}
+    for name, frames in (("steady", steady), ("switched", switched), ("faded", faded)):
+        coherence = TemporalCoherence()
+        coherence.update(_to_tensor(frames)[None])
+        scores[name] = {k: float(v) for k, v in coherence.compute().items()}
+    assert scores["steady"]["background_stability"] == 1.0
+    assert scores["switched"]["background_stability"] == 12 / 16  # the 4 gray frames are off the video's median
+    # the fade passes 48 (RGB distance) from its median (its middle frame) about 5 frames either side
+    assert 0.5 <= scores["faded"]["background_stability"] <= 0.75
+    for name in ("switched", "faded"):  # the object itself is as coherent as in the steady video
+        assert scores[name]["smoothness"] == scores["steady"]["smoothness"] == 1.0
+        assert scores[name]["coherence"] < scores["steady"]["coherence"]
+
+
 @pytest.mark.parametrize("pixels_per_frame", [1.0, 2.0])
 def test_speed_is_the_objects_step_per_frame(pixels_per_frame: float) -> None:
     # A medium square sliding right at a constant velocity, no bounce within the 12 frames.

@@ -113,6 +113,7 @@ class DetectedObject:
     fill: float  # area / bounding-box area
     centroid_height: float  # centroid row within the bounding box, 0 top .. 1 bottom
     spread: float  # farthest pixel from the centroid / radius of the disk of equal area
+    background: tuple[float, float, float]  # median RGB (0..255) of the frame's border
 
 
 def to_frames(videos: Tensor) -> np.ndarray:
@@ -205,6 +206,7 @@ def detect_object(
         fill=float(fill),
         centroid_height=centroid_height,
         spread=spread,
+        background=(float(background[0]), float(background[1]), float(background[2])),
     )
 
 
@@ -291,7 +293,10 @@ class TemporalCoherence(Metric):
       constant velocity, ``2 |v|`` at a wall bounce (< 0.07 for the data's speeds at 24 fps), ~0.5 for a
       position redrawn every frame (an image model applied frame by frame);
     - ``moving``: 1 if the centroid's range over the video reaches ``min_travel`` (fraction of the side);
-    - ``coherence``: the mean of the five.
+    - ``background_stability``: fraction of frames whose background (median of the border) is within
+      ``background_tolerance`` (RGB distance, 0..255) of the video's median background. The data's backgrounds are
+      ~186 apart, so a video that switches between them (or fades) fails here while its object may pass the rest;
+    - ``coherence``: the mean of the six.
 
     Besides: ``speed``, the median step of the centroid between consecutive frames (fraction of the side per
     frame; 0 without two consecutive detections). Not part of ``coherence``: it has no right value on its own,
@@ -305,7 +310,7 @@ class TemporalCoherence(Metric):
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
-    components = ("presence", "color_stability", "area_stability", "smoothness", "moving")
+    components = ("presence", "color_stability", "area_stability", "smoothness", "moving", "background_stability")
 
     def __init__(
         self,
@@ -313,6 +318,7 @@ class TemporalCoherence(Metric):
         area_tolerance: float = 0.3,
         max_acceleration: float = 0.1,
         min_travel: float = 0.05,
+        background_tolerance: float = 48.0,
         threshold: float = 48.0,
         min_area: float = 0.002,
         max_area: float = 0.4,
@@ -320,19 +326,22 @@ class TemporalCoherence(Metric):
     ) -> None:
         super().__init__(**kwargs)
         self.area_tolerance, self.max_acceleration, self.min_travel = area_tolerance, max_acceleration, min_travel
+        self.background_tolerance = background_tolerance
         self.detect_kwargs = {"threshold": threshold, "min_area": min_area, "max_area": max_area}
         for name in (*self.components, "speed"):
             self.add_state(f"{name}_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def score_video(self, detections: Sequence[DetectedObject | None]) -> dict[str, float]:
-        """The five components and ``speed`` for one video's per-frame detections."""
+        """The six components and ``speed`` for one video's per-frame detections."""
         frames = len(detections)
         found = [obj for obj in detections if obj is not None]
         if not found:
             return dict.fromkeys((*self.components, "speed"), 0.0)
         modal_color = Counter(obj.color for obj in found).most_common(1)[0][0]
         median_area = float(np.median([obj.area for obj in found]))
+        backgrounds = np.array([obj.background for obj in found])
+        median_background = np.median(backgrounds, axis=0)
         centers = [None if obj is None else np.array(obj.center_xy) for obj in detections]
         smooth = sum(
             1
@@ -350,6 +359,8 @@ class TemporalCoherence(Metric):
             / frames,
             "smoothness": smooth / (frames - 2),
             "moving": float((path.max(axis=0) - path.min(axis=0)).max() >= self.min_travel),
+            "background_stability": float((np.linalg.norm(backgrounds - median_background, axis=1)
+                                           <= self.background_tolerance).sum()) / frames,
             "speed": float(np.median(steps)) if steps else 0.0,
         }
 
