@@ -77,6 +77,17 @@ def _missing_values(cfg: Any) -> Iterator[str]:
     return (key for key, value in _leaves(cfg) if value == "???")
 
 
+def _dict_nulls(node: dict[str, Any]) -> None:
+    """Turn the text ``"None"`` back into null inside a dict argument, in place. jsonargparse reads a null given on
+    the command line for one key of a dict under ``init_args`` (``--model.init_args.diffusion.min_snr_gamma null``)
+    as that text; no option of these dicts (``unet``, ``diffusion``, ``model_cfg``) takes it."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            _dict_nulls(value)
+        elif value == "None":
+            node[key] = None
+
+
 def config_error(error: BaseException, cfg: Any) -> str:
     """``key: reason`` for an error raised while building the classes of ``cfg`` (one line).
 
@@ -152,6 +163,11 @@ class MAVCLI(LightningCLI):
             _fail(f"{', '.join(missing)}: missing required value{'s' if len(missing) > 1 else ''} (`???` in the "
                   f"config; set {'them' if len(missing) > 1 else 'it'} in a YAML or with "
                   + " ".join(f"--{k} …" for k in missing) + ")")
+        for section in ("model", "data"):
+            init_args = (cfg.get(section) or {}).get("init_args")
+            for value in vars(init_args).values() if init_args is not None else ():
+                if isinstance(value, dict):
+                    _dict_nulls(value)
         trainer_cfg = cfg.get("trainer") or {}
         if trainer_cfg.get("fast_dev_run"):
             # Lightning 2.6's ModelCheckpoint still writes last.ckpt at the end of a fast_dev_run, into

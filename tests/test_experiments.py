@@ -236,8 +236,8 @@ def test_bad_config_fails_before_training_with_one_line(case: str, tmp_path: Pat
 
 def test_null_for_one_key_of_a_network_config(shapes_root: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """`--model.init_args.diffusion.min_snr_gamma null` switches the weighting off (jsonargparse hands the stage the
-    text "None" for it), and what the stage saves is the real null."""
+    """`--model.init_args.diffusion.min_snr_gamma null` switches the weighting off (jsonargparse alone would hand the
+    stage the text "None"), and what the stage saves is the real null."""
     monkeypatch.chdir(tmp_path)
     cli = MAVCLI(args=fit_args("sr_l", shapes_root, "--trainer.fast_dev_run", "1",
                                "--model.init_args.diffusion.min_snr_gamma", "null"))

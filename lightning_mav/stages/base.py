@@ -266,7 +266,7 @@ class StageBase(pl.LightningModule):
         """
         parent = (load_checkpoint(init_from).get("hyper_parameters") or {}) if init_from is not None else {}
         self.parent_hparams: dict[str, Any] = dict(parent)  # for stage options a child inherits (SR's residual)
-        merged = {name: {**(parent.get(name) or {}), **_nulls(own or {})} for name, own in configs.items()}
+        merged = {name: {**(parent.get(name) or {}), **(own or {})} for name, own in configs.items()}
         self.hparams.update(merged)
         return merged
 
@@ -373,13 +373,6 @@ def resolve_pixel_diffusion(config: dict[str, Any]) -> dict[str, Any]:
     config.setdefault("min_snr_gamma", 5.0)
     config.setdefault("clip_sample", 1.0)
     return config
-
-
-def _nulls(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` with the text ``"None"``/``"null"`` read as null. jsonargparse reads a null given on the command line
-    for one key of a dict argument (``--model.init_args.diffusion.min_snr_gamma null``) as the text ``"None"``, and no
-    key of these network configs takes that text."""
-    return {k: None if isinstance(v, str) and v in ("None", "null") else v for k, v in config.items()}
 
 
 def trainable_names(module: nn.Module) -> list[str]:
