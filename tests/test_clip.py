@@ -121,6 +121,21 @@ def test_from_checkpoint_open_clip_weights(tmp_path: Path) -> None:
     assert torch.equal(loaded.encode_text(tokens), clip.encode_text(tokens))
 
 
+@pytest.mark.parametrize("name", ["mav-tiny", "mav-tiny-rn"])
+def test_builtin_configs_embed_shapes_images(name: str, tmp_path: Path) -> None:
+    clip = CLIP(name)
+    images = torch.rand(3, 3, 32, 32) * 2 - 1  # the demo's 32 px images, resized to the tower's 64
+    y_e, e_x = clip.encode_image(images), clip.encode_text(clip.tokenize(CAPTIONS[:3]))
+    assert y_e.shape == e_x.shape == (3, 128)
+    torch.testing.assert_close(y_e.norm(dim=-1), torch.ones(3))
+    assert clip.image_size == (64, 64)
+    path = tmp_path / "weights.bin"
+    torch.save(clip.model.state_dict(), path)
+    torch.testing.assert_close(CLIP.from_checkpoint(path, model_name=name).encode_image(images), y_e, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="mav-tiny-rn"):
+        CLIP("mav-tiny-xl")
+
+
 def test_missing_file_is_a_clear_error_and_never_downloads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     def no_download(*args, **kwargs):
         raise AssertionError(f"download attempted: {args} {kwargs}")
@@ -163,21 +178,27 @@ def tiny_batch() -> dict:
     return {"image": torch.rand(8, 3, 32, 32) * 2 - 1, "caption": list(SHAPES_CAPTIONS), "key": [str(i) for i in range(8)]}
 
 
-def test_clip_stage_overfits_one_batch() -> None:
-    from lightning_mav.stages.clip import CLIPStage
-
-    stage = CLIPStage("tiny", model_cfg=tiny_cfg(), lr=2e-3, weight_decay=0.0, warmup_steps=0)
-    assert all(p.requires_grad for p in stage.clip.parameters())
-    optimizer = stage.configure_optimizers()["optimizer"]
-    batch, losses = tiny_batch(), []
-    for step in range(40):
-        loss, batch_size = stage.compute_loss(batch)
+def train_steps(stage, batch: dict, steps: int) -> list[float]:
+    """Plain optimisation steps on one batch (with the stage's temperature clamp); the losses."""
+    optimizer, losses = stage.configure_optimizers()["optimizer"], []
+    for step in range(steps):
+        loss, _ = stage.compute_loss(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         stage.on_train_batch_end(None, batch, step)
         losses.append(loss.item())
-    assert batch_size == 8
+    return losses
+
+
+def test_clip_stage_overfits_one_batch() -> None:
+    from lightning_mav.stages.clip import CLIPStage
+
+    stage = CLIPStage("tiny", model_cfg=tiny_cfg(), lr=2e-3, weight_decay=0.0, warmup_steps=0)
+    assert all(p.requires_grad for p in stage.clip.parameters())
+    batch = tiny_batch()
+    assert stage.compute_loss(batch)[1] == 8
+    losses = train_steps(stage, batch, 40)
     assert losses[-1] < losses[0] / 10, losses
     assert stage.clip.model.logit_scale.item() <= math.log(100) + 1e-6
 
@@ -249,3 +270,62 @@ def test_cosine_lr_schedule_warms_up_then_decays_to_zero_at_max_steps() -> None:
     assert rates["constant"] == pytest.approx([5e-4] + [1e-3] * 5)
     with pytest.raises(ValueError, match="lr_schedule"):
         CLIPStage("tiny", model_cfg=tiny_cfg(), lr_schedule="linear")
+
+
+SHAPE_WORDS = [["circle", "square", "triangle"], ["small", "large"]]
+
+
+def test_hard_negatives_swap_one_word_of_its_group() -> None:
+    from lightning_mav.stages.clip import CLIPStage
+
+    stage = CLIPStage("tiny", model_cfg=tiny_cfg(), hard_negative_words=SHAPE_WORDS)
+    captions = list(SHAPES_CAPTIONS) + ["nothing to swap here", "A Circle, drawn."]
+    negatives = stage.hard_negatives(captions)
+    assert len(negatives) == len(captions) - 1  # the caption without a group word gets none
+    for caption, negative in zip([c for c in captions if c != "nothing to swap here"], negatives):
+        changed = [(a, b) for a, b in zip(caption.split(), negative.split()) if a != b]
+        assert len(changed) == 1 and len(caption.split()) == len(negative.split()), (caption, negative)
+        old, new = (w.strip(",.").lower() for w in changed[0])
+        assert any(old in g and new in g for g in SHAPE_WORDS), (caption, negative)
+    assert negatives[-1] in ("A Square, drawn.", "A Triangle, drawn.")  # case and punctuation kept
+    assert stage.hard_negatives(captions) == negatives  # same step, same captions: same negatives (resume)
+    seeded = [stage.hard_negatives(captions, torch.Generator().manual_seed(s)) for s in range(4)]
+    assert len({tuple(n) for n in seeded}) > 1
+    assert CLIPStage("tiny", model_cfg=tiny_cfg()).hard_negatives(captions) == []
+
+
+@pytest.mark.parametrize("groups, match", [([["circle"]], "two or more distinct"),
+                                           ([["circle", "red circle"]], "single words"),
+                                           ([["circle", "square"], ["square", "triangle"]], "more than one group")])
+def test_hard_negative_words_are_checked(groups: list, match: str) -> None:
+    from lightning_mav.stages.clip import CLIPStage
+
+    with pytest.raises(ValueError, match=f"hard_negative_words.*{match}"):
+        CLIPStage("tiny", model_cfg=tiny_cfg(), hard_negative_words=groups)
+
+
+def test_hard_negatives_add_contrast_and_are_learned() -> None:
+    from lightning_mav.stages.clip import CLIPStage
+
+    torch.manual_seed(0)
+    plain = CLIPStage("tiny", model_cfg=tiny_cfg(), lr=2e-3, weight_decay=0.0, warmup_steps=0)
+    stage = CLIPStage("tiny", model_cfg=tiny_cfg(), lr=2e-3, weight_decay=0.0, warmup_steps=0,
+                      hard_negative_words=SHAPE_WORDS)
+    stage.load_state_dict(plain.state_dict())
+    batch = tiny_batch()
+    # Same weights: the text -> image half is the same, the image -> text half has more negatives to beat.
+    assert stage.compute_loss(batch)[0].item() > plain.compute_loss(batch)[0].item()
+    no_words = {**batch, "caption": [f"caption number {i}" for i in range(8)]}
+    torch.testing.assert_close(stage.compute_loss(no_words)[0], plain.compute_loss(no_words)[0])
+
+    train_steps(stage, batch, 60)
+    stage.eval()
+    with torch.no_grad():  # every image now prefers its caption to each word-swapped version of it
+        image = stage.clip.encode_image(batch["image"])
+        for i, caption in enumerate(batch["caption"]):
+            words = caption.split()
+            swaps = [" ".join(words[:j] + [o] + words[j + 1:]) for j, w in enumerate(words)
+                     for g in SHAPE_WORDS if w in g for o in g if o != w]
+            text = stage.clip.encode_text(stage.clip.tokenize([caption] + swaps))
+            scores = text @ image[i]
+            assert scores[0] > scores[1:].max(), (caption, scores)
