@@ -49,27 +49,48 @@ class EMAWeightAveraging(LightningEMA):
     steps, and the average is what validation, media, ``last.ckpt`` (its ``state_dict``) and so every child stage
     and the pipeline use: a short run (the demo, a fine-tuning) would hand on mostly untrained weights. With the
     warm-up the average follows the weights early and settles to ``decay`` after about ``10 / (1 - decay)`` updates.
-    ``warmup: false`` gives Lightning's constant decay. Everything else (swapping for validation, checkpoint
-    layout, resume) is Lightning's.
+    ``warmup: false`` gives Lightning's constant decay.
+
+    Frozen parameters (``requires_grad=False``: a stage's CLIP, D_t's spatial layers under ``freeze_spatial``) are
+    not copied: the average holds the live tensors themselves and skips them in the update, since their average is
+    the tensor. At the paper's scale that is a CLIP ViT-H (~1B parameters) neither doubled in memory nor averaged
+    every step. Everything else (swapping for validation, checkpoint layout, resume) is Lightning's.
     """
 
     def __init__(self, decay: float = 0.999, warmup: bool = True, **kwargs: Any) -> None:
         super().__init__(decay=decay, **kwargs)
-        if warmup:
-            self._kwargs["avg_fn"] = None  # AveragedModel: multi_avg_fn updates all tensors with foreach kernels
-            self._kwargs["multi_avg_fn"] = _ema_warmup(decay)
+        self._kwargs["avg_fn"] = None  # AveragedModel: multi_avg_fn updates all tensors with foreach kernels
+        self._kwargs["multi_avg_fn"] = _ema_update(decay, warmup)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self._average_model is not None:
+            share_frozen_parameters(self._average_model.module, pl_module)
 
 
-def _ema_warmup(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor | int], None]:
-    """AveragedModel's ``multi_avg_fn`` for the warmed-up decay."""
+def share_frozen_parameters(average: torch.nn.Module, current: torch.nn.Module) -> int:
+    """Puts ``current``'s frozen parameters in place of their copies in ``average`` (a deep copy); returns how many."""
+    live = dict(current.named_parameters())
+    shared = 0
+    for name, param in list(average.named_parameters()):
+        if not live[name].requires_grad:
+            owner, _, attr = name.rpartition(".")
+            setattr(average.get_submodule(owner), attr, live[name])
+            shared += 1
+    return shared
+
+
+def _ema_update(decay: float, warmup: bool) -> Callable[[list[Tensor], list[Tensor], Tensor | int], None]:
+    """AveragedModel's ``multi_avg_fn``: decay ``min(decay, (1 + n) / (10 + n))`` (or ``decay``), shared tensors kept."""
     def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor | int) -> None:
         n = int(num_averaged)  # updates so far (AveragedModel's n_averaged)
-        d = min(decay, (1 + n) / (10 + n))
-        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        pairs = [(a, c) for a, c in zip(averaged, current) if a.data_ptr() != c.data_ptr()]  # shared: frozen
+        floats = [(a, c) for a, c in pairs if a.is_floating_point()]
         if floats:  # d * a + (1 - d) * c, not lerp: a + w * (c - a) turns a constant -inf (attention masks) into NaN
             torch._foreach_mul_([a for a, _ in floats], d)
             torch._foreach_add_([a for a, _ in floats], [c for _, c in floats], alpha=1 - d)
-        for a, c in zip(averaged, current):  # integer buffers (counters) are copied, as torch's EMA does
+        for a, c in pairs:  # integer buffers (counters) are copied, as torch's EMA does
             if not a.is_floating_point():
                 a.copy_(c)
 

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import pytest
+import pytorch_lightning as pl
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from lightning_mav.callbacks import EMAWeightAveraging
@@ -57,3 +58,43 @@ def test_short_run_average_is_mostly_trained_weights() -> None:
         results[warmup] = ema.module.weight.item()
     assert results[False] == pytest.approx(1 - 0.999 ** 599, abs=1e-4)  # Lightning's constant decay: 0.45
     assert results[True] > 0.98
+
+
+class FrozenPart(pl.LightningModule):
+    """A trainable layer after a frozen one, as a stage after its frozen CLIP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen, self.head = nn.Linear(4, 4), nn.Linear(4, 1)
+        self.frozen.requires_grad_(False)
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        return self.head(self.frozen(batch)).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.head.parameters(), lr=0.1)
+
+
+def fit_frozen_part(tmp_path, callbacks: list) -> FrozenPart:
+    torch.manual_seed(0)
+    module = FrozenPart()
+    trainer = pl.Trainer(max_steps=5, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, torch.utils.data.DataLoader(torch.randn(20, 4), batch_size=4))
+    trainer.save_checkpoint(tmp_path / "ema.ckpt")
+    return module
+
+
+def test_frozen_parameters_are_shared_not_averaged(tmp_path) -> None:
+    torch.manual_seed(0)
+    start = FrozenPart()
+    raw = fit_frozen_part(tmp_path, [])
+    callback = EMAWeightAveraging(decay=0.9)
+    module = fit_frozen_part(tmp_path, [callback])
+    average = callback._average_model.module
+    assert average.frozen.weight is module.frozen.weight and average.frozen.bias is module.frozen.bias
+    assert average.head.weight is not module.head.weight
+    ckpt = torch.load(tmp_path / "ema.ckpt", weights_only=True)
+    assert torch.equal(ckpt["state_dict"]["frozen.weight"], start.frozen.weight)  # bit for bit: never averaged
+    averaged = ckpt["state_dict"]["head.weight"]
+    assert not torch.equal(averaged, raw.head.weight) and not torch.equal(averaged, start.head.weight)
