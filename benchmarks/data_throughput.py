@@ -174,7 +174,7 @@ def _section(table: str, clips: int, verdict: str) -> str:
     return f"""{SECTION}
 
 `python benchmarks/data_throughput.py` — {time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} cores (load average
-{load:.1f} while measuring: the machine was shared), Python {platform.python_version()}, torch {torch.__version__},
+{load:.1f} while measuring{": the machine was shared" if load > 1.5 else ""}), Python {platform.python_version()}, torch {torch.__version__},
 PyAV {av.__version__} (FFmpeg {'.'.join(map(str, av.library_versions['libavcodec']))} libavcodec).
 
 One worker (this process, torch and the decoder single-threaded), {clips} clips per row, fps drawn in [1, 30],
