@@ -281,3 +281,16 @@ def test_dt_inherits_the_architecture_and_its_checkpoint_is_self_contained(
     reloaded = DecoderStage.load_from_checkpoint(tmp_path / "dt.ckpt")
     assert reloaded.unet.temporal and reloaded.unet.fps_cond
     assert all(torch.equal(v, dt.state_dict()[k]) for k, v in reloaded.state_dict().items())
+
+
+def test_fused_adamw_except_under_fp16_loss_scaling_with_clipping() -> None:
+    """Lightning refuses to clip the gradients of an optimizer that unscales them itself (fused, with GradScaler)."""
+    stage = DecoderStage(unet=UNET, **FAST)
+    trainer = pl.Trainer(accelerator="cpu", gradient_clip_val=1.0, logger=False, enable_checkpointing=False)
+    stage.trainer = trainer
+    assert stage.configure_optimizers()["optimizer"].defaults["fused"]  # fp32 / bf16: no scaler
+    trainer.precision_plugin.scaler = torch.amp.GradScaler("cpu")  # what 16-mixed sets up on a GPU
+    optimizer = stage.configure_optimizers()["optimizer"]
+    assert not optimizer.defaults["fused"] and optimizer.defaults["foreach"]
+    trainer.gradient_clip_val = None
+    assert stage.configure_optimizers()["optimizer"].defaults["fused"]  # no clipping: fused works with the scaler
