@@ -72,7 +72,7 @@ def share_frozen_parameters(average: torch.nn.Module, current: torch.nn.Module) 
     """Puts ``current``'s frozen parameters in place of their copies in ``average`` (a deep copy); returns how many."""
     live = dict(current.named_parameters())
     shared = 0
-    for name, param in list(average.named_parameters()):
+    for name, _ in list(average.named_parameters()):
         if not live[name].requires_grad:
             owner, _, attr = name.rpartition(".")
             setattr(average.get_submodule(owner), attr, live[name])
