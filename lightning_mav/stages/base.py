@@ -242,8 +242,8 @@ class StageBase(pl.LightningModule):
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         trainer = self._trainer
-        scaled_and_clipped = trainer is not None and bool(trainer.gradient_clip_val) and \
-            getattr(trainer.precision_plugin, "scaler", None) is not None
+        scaled_and_clipped = (trainer is not None and bool(trainer.gradient_clip_val)
+                              and getattr(trainer.precision_plugin, "scaler", None) is not None)
         fused = bool(params) and all(p.device.type in ("cuda", "cpu") for p in params) and not scaled_and_clipped
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas,
                                       fused=fused or None, foreach=None if fused else True)
