@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from lightning_mav.checkpoints import CheckpointError
+from lightning_mav.pipeline import load_stage
 from lightning_mav.stages.decoder import DecoderStage
 from lightning_mav.stages.interpolation import (
     InterpolationStage,
@@ -242,6 +243,13 @@ def test_residual_diffuses_the_difference_to_the_linear_blend(monkeypatch: pytes
     stage.compute_loss(batch, generator=torch.Generator().manual_seed(0))
     x0 = rearrange(batch["video"], "b f c h w -> b c f h w")
     torch.testing.assert_close(targets[0], x0 - linear_blend(x0, masks))
+
+
+def test_inference_loads_a_checkpoint_saved_before_residual_as_not_residual(chain: dict, tmp_path: Path) -> None:
+    up_F = InterpolationStage(unet=DT_UNET, image_size=16, init_from=chain["dt_ckpt"])
+    assert load_stage(InterpolationStage, save_stage(up_F, tmp_path / "new.ckpt"), stage="up_F").residual
+    up_F.hparams.pop("residual")
+    assert not load_stage(InterpolationStage, save_stage(up_F, tmp_path / "legacy.ckpt"), stage="up_F").residual
 
 
 def test_extend_forwards_and_backwards(chain: dict) -> None:

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from lightning_mav.checkpoints import CheckpointError
 from lightning_mav.nn.unet import is_temporal_name
+from lightning_mav.pipeline import load_stage
 from lightning_mav.stages.base import trainable_names
 from lightning_mav.stages.superres import SuperResStage, resize
 
@@ -199,3 +200,6 @@ def test_residual_diffuses_the_detail_over_bicubic(sr_l_ckpt: str, tmp_path: Pat
         assert not child.residual and child.hparams.residual is False
     forced = SuperResStage(unet={"temporal": True}, init_from=str(tmp_path / "plain.ckpt"), residual=True, **SR)
     assert forced.residual and SuperResStage.load_from_checkpoint(sr_l_ckpt).residual
+    # inference (the pipeline) samples a checkpoint the way it was trained, a legacy one without the residual
+    assert load_stage(SuperResStage, sr_l_ckpt, stage="SR_h").residual
+    assert not load_stage(SuperResStage, tmp_path / "legacy.ckpt", stage="SR_h").residual
