@@ -62,6 +62,7 @@ from lightning_mav.metrics import (
     sr_psnr,
 )
 from lightning_mav.pipeline import (
+    CHAIN,
     STAGES,
     MakeAVideoPipeline,
     PerStage,
@@ -70,6 +71,7 @@ from lightning_mav.pipeline import (
     per_stage,
     stage_generator,
     stage_name,
+    stop_index,
     train_command,
 )
 from lightning_mav.stages.superres import SuperResStage
@@ -210,7 +212,7 @@ def load_chain(runs: str | Path = "runs", *, device: torch.device | str | None =
     """
     paths: dict[str, Path | None] = {}
     missing: dict[str, str] = {}
-    for stage in ("clip", *STAGES):
+    for stage in CHAIN:
         path = default_checkpoint(runs, stage)
         if path.is_file():
             paths[stage] = path
@@ -265,7 +267,7 @@ class Generated:
 
 def stages_run(pipe: MakeAVideoPipeline, stop_after: str | None) -> list[str]:
     """The pipeline's stages that a call with ``stop_after`` runs, in order."""
-    last = STAGES.index(stage_name(stop_after)) if stop_after else len(STAGES) - 1
+    last = stop_index(stop_after)
     return [s for s in pipe.stages if STAGES.index(s) <= last]
 
 

@@ -39,9 +39,12 @@ from lightning_mav.stages.superres import SuperResStage
 
 #: the sampled networks, in the order of the chain (C_x is a frozen encoder, not sampled)
 STAGES: tuple[str, ...] = ("P", "D_t", "up_F", "SR_t", "SR_h")
-#: experiment / run-folder name of each network: ``runs/<name>/``, ``experiments/<name>.yaml``
+#: experiment / run-folder name of each network: ``runs/<name>/``, ``experiments/<name>.yaml``; SR_l is no link of
+#: the chain (SR_t is inflated from it) but ``mav evaluate`` scores it, and its options name it
 RUN_NAMES: dict[str, str] = {"clip": "clip", "P": "prior", "D_t": "dt", "up_F": "interp", "SR_t": "sr_t",
-                             "SR_h": "sr_h"}
+                             "SR_h": "sr_h", "SR_l": "sr_l"}
+#: the checkpoints ``mav generate`` loads: C_x and the sampled networks
+CHAIN: tuple[str, ...] = ("clip", *STAGES)
 _ALIASES: dict[str, str] = {**{v: k for k, v in RUN_NAMES.items()}, **{s.lower(): s for s in STAGES}, "↑f": "up_F",
                             "d_t": "D_t", "interpolation": "up_F", "decoder": "D_t"}
 PerStage = int | float | dict[str, int | float] | None
@@ -55,8 +58,19 @@ def stage_name(name: str) -> str:
     """Canonical stage name (``"D_t"``) of a paper or run-folder name (``"dt"``, ``"interp"``, ``"↑F"``, ...)."""
     canonical = name if name in RUN_NAMES else _ALIASES.get(name.lower())
     if canonical is None:
-        raise ValueError(f"unknown stage {name!r}: use one of {', '.join(STAGES)} (or {', '.join(RUN_NAMES.values())})")
+        raise ValueError(f"unknown stage {name!r}: use one of {', '.join(RUN_NAMES)} (or {', '.join(RUN_NAMES.values())})")
     return canonical
+
+
+def stop_index(stop_after: str | None) -> int:
+    """Index in ``STAGES`` of the last stage a run with ``stop_after`` samples (all of them for None)."""
+    if stop_after is None:
+        return len(STAGES) - 1
+    stage = stage_name(stop_after)
+    if stage not in STAGES[STAGES.index("D_t"):]:
+        raise ValueError(f"stop_after {stop_after!r}: must be one of {', '.join(STAGES[1:])} (P alone makes "
+                         "embeddings, not frames; SR_l is not sampled by the chain)")
+    return STAGES.index(stage)
 
 
 def train_command(stage: str) -> str:
@@ -280,9 +294,7 @@ class MakeAVideoPipeline:
             progress: a progress bar per stage.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        last = STAGES.index(stage_name(stop_after)) if stop_after is not None else len(STAGES) - 1
-        if last < STAGES.index("D_t"):
-            raise ValueError("stop_after must be D_t or later: P alone makes embeddings, not frames")
+        last = stop_index(stop_after)
 
         def run(stage: str) -> bool:
             return getattr(self, stage) is not None and STAGES.index(stage) <= last
@@ -382,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompts", nargs="+", help="one video per prompt")
     p.add_argument("--out", default="out.mp4", help="output mp4 (a gif is written beside it); -0, -1 ... per prompt")
     p.add_argument("--runs", default="runs", help="run folders holding <stage>/checkpoints/last.ckpt")
-    for stage in ("clip", "P", "D_t", "up_F", "SR_t", "SR_h"):
+    for stage in CHAIN:
         name = RUN_NAMES[stage].replace("_", "-")
         p.add_argument(f"--{name}", dest=RUN_NAMES[stage], metavar="CKPT",
                        help=f"{stage} checkpoint (default RUNS/{RUN_NAMES[stage]}/checkpoints/last.ckpt"
@@ -413,9 +425,10 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         steps, guidance = parse_per_stage(args.steps, int), parse_per_stage(args.guidance, float)
     except ValueError as e:
         parser.error(str(e))
-    last = STAGES.index(stage_name(args.stop_after)) if args.stop_after else len(STAGES) - 1
+    last = stop_index(args.stop_after)
     paths: dict[str, str | None] = {}
-    for stage, name in RUN_NAMES.items():
+    for stage in CHAIN:
+        name = RUN_NAMES[stage]
         given = getattr(args, name)
         beyond_stop = stage in STAGES and STAGES.index(stage) > last
         if beyond_stop or (given or "").lower() == "none":

@@ -247,11 +247,11 @@ def test_missing_required_stage_is_a_one_line_error(tmp_path: Path, capsys: pyte
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "lightning fit --config experiments/prior.yaml" in err
     with pytest.raises(SystemExit) as exit_info:  # a bad per-stage value fails before anything is loaded
-        ev.main(["--runs", str(tmp_path / "empty"), "--steps", "SR_l=3"])
+        ev.main(["--runs", str(tmp_path / "empty"), "--steps", "SR_x=3"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
-        "--steps/--guidance: unknown stage 'SR_l': use one of P, D_t, up_F, SR_t, SR_h "
-        "(or clip, prior, dt, interp, sr_t, sr_h)")
+        "--steps/--guidance: unknown stage 'SR_x': use one of clip, P, D_t, up_F, SR_t, SR_h, SR_l "
+        "(or clip, prior, dt, interp, sr_t, sr_h, sr_l)")
 
 
 # ----------------------------------------------------------------------------------------------------- lightning test

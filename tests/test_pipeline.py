@@ -20,6 +20,7 @@ from lightning_mav.pipeline import (
     parse_per_stage,
     per_stage,
     stage_name,
+    stop_index,
 )
 from lightning_mav.stages.superres import SuperResStage
 
@@ -54,6 +55,12 @@ def test_per_stage_options_and_names() -> None:
     assert steps == {"*": 20, "D_t": 50, "SR_h": 10}
     assert [per_stage(steps, s, 99) for s in ("P", "D_t", "SR_h")] == [20, 50, 10]
     assert per_stage({"interp": 2.5}, "up_F", 1.0) == 2.5 and per_stage({"interp": 2.5}, "P", 1.0) == 1.0
+    # SR_l is no link of the chain, but `mav evaluate` samples it for its PSNR: its options can name it
+    assert per_stage(parse_per_stage("sr_l=3"), "SR_l", 20) == 3 and per_stage({"SR_l": 3}, "SR_t", 20) == 20
+    assert [stop_index(s) for s in (None, "dt", "↑F", "sr_h")] == [4, 1, 2, 4]
+    for bad in ("prior", "sr_l"):
+        with pytest.raises(ValueError, match=f"stop_after '{bad}': must be one of D_t, up_F, SR_t, SR_h"):
+            stop_index(bad)
     assert default_checkpoint("runs", "up_F") == Path("runs/interp/checkpoints/last.ckpt")
 
 
