@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -216,6 +217,10 @@ class UNet(nn.Module):
         heads, dim_head: attention heads and per-head width (inner width ``heads * dim_head``).
         image_embed_dim: width ``D`` of the CLIP image embedding ``y_e``, or ``None`` (no image conditioning).
         num_image_tokens: ``K``, the context tokens projected from ``y_e`` (unCLIP uses 4).
+        image_embed_scale: multiplies ``y_e`` (and its learned null) before the projections; ``"unit_rms"``:
+            by ``D**0.5``. An L2-normalised ``y_e`` has entries of RMS ``D**-0.5`` (0.09 at D = 128), which the
+            projections, initialised for unit-RMS inputs, barely pass on; ``"unit_rms"`` lets D follow the
+            embedding much sooner (see experiments/decoder.yaml for what it measured). 1.0 = as given.
         text_dim: width of the text hidden states used as context tokens, or ``None``.
         cond_dim: width of the context tokens (default: the time-embedding width ``4 * dim``).
         lowres_cond: super-resolution: concatenate the upsampled low-res input and embed its noise level.
@@ -247,6 +252,7 @@ class UNet(nn.Module):
         dim_head: int = 32,
         image_embed_dim: int | None = None,
         num_image_tokens: int = 4,
+        image_embed_scale: float | Literal["unit_rms"] = 1.0,
         text_dim: int | None = None,
         cond_dim: int | None = None,
         lowres_cond: bool = False,
@@ -269,6 +275,11 @@ class UNet(nn.Module):
         self.temporal, self.fps_cond, self.lowres_cond = temporal, fps_cond, lowres_cond
         self.image_embed_dim, self.text_dim = image_embed_dim, text_dim
         self.num_image_tokens = num_image_tokens if image_embed_dim else 0
+        if image_embed_scale == "unit_rms":
+            image_embed_scale = (image_embed_dim or 1) ** 0.5
+        if isinstance(image_embed_scale, str) or not image_embed_scale > 0:
+            raise ValueError(f"image_embed_scale must be a positive number or 'unit_rms', got {image_embed_scale!r}")
+        self.image_embed_scale = float(image_embed_scale)
         self.extra_in_channels = extra_in_channels
         self.checkpointing, self.channels_last = checkpointing, channels_last
         time_dim = 4 * dim
@@ -386,6 +397,8 @@ class UNet(nn.Module):
                 image_embed = image_embed.to(null.dtype)
                 if drop is not None:
                     image_embed = torch.where(drop[:, None], null, image_embed)
+            if self.image_embed_scale != 1.0:
+                image_embed = image_embed * self.image_embed_scale
             emb_term = self.image_embed_proj(image_embed)
             if self.num_image_tokens:
                 tokens.append(self.image_tokens_proj(image_embed).view(b, self.num_image_tokens, self.cond_dim))
