@@ -146,6 +146,25 @@ def test_drop_cond_uses_learned_null() -> None:
         torch.testing.assert_close(d(x, t, **{**cond, "text_hidden": th}), y)
 
 
+def test_image_embed_scale_multiplies_the_embedding_and_its_null() -> None:
+    torch.manual_seed(0)
+    scaled = UNet(**BASE, image_embed_dim=IMG, image_embed_scale="unit_rms")
+    assert scaled.image_embed_scale == pytest.approx(IMG ** 0.5)
+    _perturb(scaled.parameters())
+    plain = UNet(**BASE, image_embed_dim=IMG)
+    plain.load_state_dict(scaled.state_dict())
+    x, t, y_e = torch.randn(B, 3, H, H), torch.tensor([10.0, 700.0]), torch.randn(B, IMG)
+    with torch.no_grad():
+        out = scaled(x, t, image_embed=y_e)
+        torch.testing.assert_close(out, plain(x, t, image_embed=y_e * IMG ** 0.5))
+        assert (out - plain(x, t, image_embed=y_e)).abs().max() > 1e-3
+        dropped = scaled(x, t, image_embed=y_e, drop_cond=torch.tensor([True, True]))
+        torch.testing.assert_close(dropped, plain(x, t, image_embed=scaled.null_image_embed.expand(B, -1) * IMG ** 0.5))
+    for bad in (0.0, -1.0, "sqrt"):
+        with pytest.raises(ValueError, match="image_embed_scale must be a positive number or 'unit_rms'"):
+            UNet(**BASE, image_embed_dim=IMG, image_embed_scale=bad)
+
+
 def test_gradient_checkpointing_same_gradients() -> None:
     _, dt = _d_and_dt()
     dt.train()
