@@ -70,7 +70,6 @@ from lightning_mav.pipeline import (
     parse_per_stage,
     per_stage,
     stage_generator,
-    stage_name,
     stop_index,
     train_command,
 )
