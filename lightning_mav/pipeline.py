@@ -58,7 +58,8 @@ def stage_name(name: str) -> str:
     """Canonical stage name (``"D_t"``) of a paper or run-folder name (``"dt"``, ``"interp"``, ``"↑F"``, ...)."""
     canonical = name if name in RUN_NAMES else _ALIASES.get(name.lower())
     if canonical is None:
-        raise ValueError(f"unknown stage {name!r}: use one of {', '.join(RUN_NAMES)} (or {', '.join(RUN_NAMES.values())})")
+        raise ValueError(f"unknown stage {name!r}: use one of {', '.join(RUN_NAMES)} "
+                         f"(or {', '.join(RUN_NAMES.values())})")
     return canonical
 
 
