@@ -140,8 +140,8 @@ def load_stage(cls: type[StageBase], path: str | Path, *, stage: str, clip_ckpt:
     kwargs = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if k in params}
     if "init_from" in params:
         kwargs["init_from"] = None
-    if "residual" in params:  # saved before residual diffusion existed: it diffused the frames themselves
-        kwargs.setdefault("residual", False)
+    for key, value in cls.legacy_hparams.items():  # options an older checkpoint was saved without
+        kwargs.setdefault(key, value)
     if cls is PriorStage:
         kwargs["clip_ckpt"] = clip_ckpt = clip_ckpt or kwargs.get("clip_ckpt")
         if not clip_ckpt or not Path(clip_ckpt).expanduser().is_file():

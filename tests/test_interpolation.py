@@ -52,7 +52,8 @@ def perturb(module: torch.nn.Module, names: str = "", scale: float = 0.05) -> No
 
 def save_stage(stage: pl.LightningModule, path: Path) -> str:
     """What a Lightning checkpoint holds for a stage (state_dict with the ``unet.`` prefix, hyperparameters)."""
-    torch.save({"state_dict": stage.state_dict(), "hyper_parameters": dict(stage.hparams)}, path)
+    torch.save({"state_dict": stage.state_dict(), "hyper_parameters": dict(stage.hparams),
+                "pytorch-lightning_version": pl.__version__}, path)
     return str(path)
 
 
@@ -245,11 +246,16 @@ def test_residual_diffuses_the_difference_to_the_linear_blend(monkeypatch: pytes
     torch.testing.assert_close(targets[0], x0 - linear_blend(x0, masks))
 
 
-def test_inference_loads_a_checkpoint_saved_before_residual_as_not_residual(chain: dict, tmp_path: Path) -> None:
+def test_a_checkpoint_saved_before_residual_loads_as_not_residual(chain: dict, tmp_path: Path) -> None:
     up_F = InterpolationStage(unet=DT_UNET, image_size=16, init_from=chain["dt_ckpt"])
     assert load_stage(InterpolationStage, save_stage(up_F, tmp_path / "new.ckpt"), stage="up_F").residual
     up_F.hparams.pop("residual")
-    assert not load_stage(InterpolationStage, save_stage(up_F, tmp_path / "legacy.ckpt"), stage="up_F").residual
+    legacy = save_stage(up_F, tmp_path / "legacy.ckpt")
+    assert not load_stage(InterpolationStage, legacy, stage="up_F").residual
+    # Lightning's loader too: load_from_checkpoint (and a resume) go through on_load_checkpoint
+    assert InterpolationStage.load_from_checkpoint(tmp_path / "new.ckpt").residual
+    loaded = InterpolationStage.load_from_checkpoint(legacy)
+    assert not loaded.residual and loaded.hparams.residual is False
 
 
 def test_extend_forwards_and_backwards(chain: dict) -> None:

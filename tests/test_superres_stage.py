@@ -203,3 +203,6 @@ def test_residual_diffuses_the_detail_over_bicubic(sr_l_ckpt: str, tmp_path: Pat
     # inference (the pipeline) samples a checkpoint the way it was trained, a legacy one without the residual
     assert load_stage(SuperResStage, sr_l_ckpt, stage="SR_h").residual
     assert not load_stage(SuperResStage, tmp_path / "legacy.ckpt", stage="SR_h").residual
+    # and so do Lightning's own loaders (load_from_checkpoint; resume calls the same on_load_checkpoint)
+    legacy = SuperResStage.load_from_checkpoint(tmp_path / "legacy.ckpt")
+    assert not legacy.residual and legacy.hparams.residual is False

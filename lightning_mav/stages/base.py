@@ -103,6 +103,10 @@ class StageBase(pl.LightningModule):
     #: glob patterns (network-relative names) of the tensors a child stage adds to its parent's network:
     #: the only tensors ``init_from`` may find missing, and the only ones trained under ``freeze_spatial``.
     new_param_patterns: tuple[str, ...] = NEW_TEMPORAL
+    #: stage options added after checkpoints were already saved, with the value those older checkpoints were
+    #: trained with: applied when a checkpoint's hyperparameters lack the key (resume, ``load_from_checkpoint``,
+    #: ``pipeline.load_stage``), so an old checkpoint behaves as it was trained, not as today's default.
+    legacy_hparams: dict[str, Any] = {}
 
     def __init__(
         self,
@@ -328,6 +332,11 @@ class StageBase(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
+        saved = checkpoint.get("hyper_parameters") or {}
+        for key, value in self.legacy_hparams.items():
+            if key not in saved:
+                setattr(self, key, value)
+                self.hparams[key] = value
         if self.clip is None:
             return
         clip_state = {f"clip.{k}": v for k, v in self.clip.state_dict().items()}

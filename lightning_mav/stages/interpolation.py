@@ -141,6 +141,7 @@ class InterpolationStage(DecoderStage):
     """
 
     new_param_patterns = NEW_EXTRA_IN
+    legacy_hparams = {"residual": False}  # saved before residual diffusion existed: it diffused the frames
 
     def __init__(
         self,

@@ -70,6 +70,8 @@ class SuperResStage(StageBase):
         lr, weight_decay, betas, warmup_steps, lr_schedule, media_batch_size, media_seed: see :class:`StageBase`.
     """
 
+    legacy_hparams = {"residual": False}  # saved before residual diffusion existed: it diffused the image itself
+
     def __init__(
         self,
         unet: dict[str, Any] | None = None,
