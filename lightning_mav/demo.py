@@ -14,6 +14,7 @@ import argparse
 import json
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,7 +46,9 @@ def train_stage(stage: str, *, data: Path, runs: Path, max_steps: int | None = N
         interval = max(1, max_steps // 2)
         args += ["--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", str(interval)]
     start = time.time()
-    cli = MAVCLI(args=[*args, *extra])
+    with warnings.catch_warnings():  # the args are ours, not the command line's (`mav demo`), as LightningCLI fears
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = MAVCLI(args=[*args, *extra])
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
     last = runs / stage / "checkpoints" / "last.ckpt"
     if not last.is_file():
