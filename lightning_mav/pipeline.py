@@ -140,8 +140,6 @@ def load_stage(cls: type[StageBase], path: str | Path, *, stage: str, clip_ckpt:
     kwargs = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if k in params}
     if "init_from" in params:
         kwargs["init_from"] = None
-    for key, value in cls.legacy_hparams.items():  # options an older checkpoint was saved without
-        kwargs.setdefault(key, value)
     if cls is PriorStage:
         kwargs["clip_ckpt"] = clip_ckpt = clip_ckpt or kwargs.get("clip_ckpt")
         if not clip_ckpt or not Path(clip_ckpt).expanduser().is_file():
@@ -154,6 +152,7 @@ def load_stage(cls: type[StageBase], path: str | Path, *, stage: str, clip_ckpt:
         kwargs["clip_ckpt"] = None
     try:
         module = cls(**kwargs)
+        module.on_load_checkpoint(ckpt)  # as Lightning's loaders do: options an older checkpoint was saved without
         state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("clip.")}
         missing, unexpected = module.load_state_dict(state, strict=False)
     except (TypeError, ValueError, RuntimeError, KeyError) as e:

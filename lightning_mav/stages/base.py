@@ -104,8 +104,9 @@ class StageBase(pl.LightningModule):
     #: the only tensors ``init_from`` may find missing, and the only ones trained under ``freeze_spatial``.
     new_param_patterns: tuple[str, ...] = NEW_TEMPORAL
     #: stage options added after checkpoints were already saved, with the value those older checkpoints were
-    #: trained with: applied when a checkpoint's hyperparameters lack the key (resume, ``load_from_checkpoint``,
-    #: ``pipeline.load_stage``), so an old checkpoint behaves as it was trained, not as today's default.
+    #: trained with: ``on_load_checkpoint`` (called on resume, by ``load_from_checkpoint`` and by
+    #: ``pipeline.load_stage``) applies them when a checkpoint's hyperparameters lack the key, so an old checkpoint
+    #: behaves as it was trained, not as today's default.
     legacy_hparams: dict[str, Any] = {}
 
     def __init__(
