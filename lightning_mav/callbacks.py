@@ -1,8 +1,8 @@
 """Callbacks that are ours: sample media, gradient norm, data skip counts, a batch-size function for Lightning's
-``ThroughputMonitor``, EMA with a warm-up of its decay (Lightning's ``EMAWeightAveraging`` underneath), and two
-fault-handling pieces: ``ExceptionCheckpoint`` (a checkpoint when a run dies, without Lightning's implicit resume) and
+``ThroughputMonitor``, EMA with a warm-up of its decay (Lightning's ``EMAWeightAveraging`` underneath), a
+``ModelCheckpoint`` whose ``last.ckpt`` is always the run's final step, and two fault-handling pieces: ``ExceptionCheckpoint`` (a checkpoint when a run dies, without Lightning's implicit resume) and
 ``AtomicCheckpointIO`` (checkpoint files that a kill can never leave half-written). Everything else (periodic
-checkpoints, LR, throughput) is Lightning's own."""
+LR, throughput) is Lightning's own."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torchvision
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.callbacks import EMAWeightAveraging as LightningEMA
+from pytorch_lightning.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerFn, TrainerStatus
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
@@ -66,6 +67,26 @@ class EMAWeightAveraging(LightningEMA):
         super().setup(trainer, pl_module, stage)
         if self._average_model is not None:
             share_frozen_parameters(self._average_model.module, pl_module)
+
+
+class ModelCheckpoint(LightningModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` that also writes ``last.ckpt`` (``save_last``) at the run's final step.
+
+    Why: Lightning writes ``last.ckpt`` every ``every_n_train_steps`` and at the end of training only if it never
+    wrote one, so a run whose ``max_steps`` is not a multiple of the interval ends with ``last.ckpt`` from before
+    its last steps, and ``last.ckpt`` is what every child stage (``init_from``), the pipeline and the evaluation load:
+    the demo's D_t (360 steps, a checkpoint every 100) handed on its step-300 weights, ↑F (180) its step-100 ones.
+    The extra save happens after the last optimizer step, as the periodic ones do: before ``EMAWeightAveraging``
+    copies the average into the model at ``on_train_end``, so the checkpoint keeps both the average (``state_dict``)
+    and the training weights (``current_model_state``) a resume with a larger ``max_steps`` needs.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        final = 0 < trainer.max_steps <= trainer.global_step
+        if self.save_last and final and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 def share_frozen_parameters(average: torch.nn.Module, current: torch.nn.Module) -> int:

@@ -9,6 +9,7 @@ YAMLs' CPU-demo sizes are shrunk to tiny networks with command-line overrides.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -167,11 +168,28 @@ def test_every_stage_runs_fast_dev_run(stage: str, chain: dict[str, Any], shapes
     if stage in PARENT:
         extra += ["--model.init_args.init_from", str(runs / PARENT[stage] / "checkpoints" / "last.ckpt")]
     monkeypatch.chdir(tmp_path)
-    cli = MAVCLI(args=fit_args(stage, shapes_root, *extra))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = MAVCLI(args=fit_args(stage, shapes_root, *extra))
     assert cli.trainer.global_step == 1 and cli.trainer.ckpt_path is None
+    # the frozen CLIP's eval mode is by design: no "Found N module(s) in eval mode" warning for it
+    assert not [str(w.message) for w in caught if "in eval mode" in str(w.message)]
     # a smoke test leaves nothing behind: no checkpoint (Lightning's ModelCheckpoint writes ./checkpoints/last.ckpt at
     # the end of a fast_dev_run unless the CLI drops it), no media in the cwd
     assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "media").exists()
+
+
+def test_a_trainable_module_left_in_eval_mode_is_still_reported(chain: dict[str, Any], shapes_root: Path,
+                                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clip_ckpt = chain["root"] / "runs" / "clip" / "checkpoints" / "last.ckpt"
+    monkeypatch.chdir(tmp_path)
+    args = fit_args("decoder", shapes_root, "--trainer.fast_dev_run", "1", "--model.init_args.clip_ckpt", str(clip_ckpt))
+    cli = MAVCLI(args=args[1:], run=False)  # no subcommand: the trainer is built, not run
+    cli.model.unet.mid.eval()  # a user's mistake, not the frozen CLIP: Lightning must still say so
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli.trainer.fit(cli.model, cli.datamodule)
+    assert [str(w.message) for w in caught if "module(s) in eval mode" in str(w.message)]
 
 
 # -------------------------------------------------------------------------------------------------- bad configs

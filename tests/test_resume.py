@@ -164,6 +164,25 @@ def test_kill_during_save_then_resume_continues_the_uninterrupted_run(
     assert final_c["lr_schedulers"][0]["last_epoch"] == final_a["lr_schedulers"][0]["last_epoch"] == 8
 
 
+def test_last_checkpoint_is_the_final_step_when_max_steps_is_off_the_interval(
+        shapes_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # dt.yaml's case: 360 steps, last.ckpt every 100; Lightning's own ModelCheckpoint leaves last.ckpt at step 300
+    overlay = every_n_steps_overlay(tmp_path / "sr_l.yaml", 4)
+    monkeypatch.chdir(tmp_path)
+    cli = MAVCLI(args=sr_args(shapes_root, overlay, max_steps=6))
+    last = torch.load(tmp_path / "runs" / "sr_l" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 6
+    # the EMA average (what children load) is the model's final state, and the training weights beside it were saved
+    # before EMAWeightAveraging copied the average into the model at on_train_end (a resume needs both)
+    final = cli.model.state_dict()
+    assert all(torch.equal(v, final[k]) for k, v in last["state_dict"].items())
+    assert any(not torch.equal(v, last["state_dict"][k]) for k, v in last["current_model_state"].items()
+               if k.startswith("unet."))
+    # and a resume to a larger max_steps continues from step 6
+    cli = MAVCLI(args=sr_args(shapes_root, overlay, "--ckpt_path", "last", max_steps=7))
+    assert cli.trainer.global_step == 7
+
+
 def test_atomic_checkpoint_io_keeps_the_old_file_when_a_save_dies(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     io_ = AtomicCheckpointIO()

@@ -38,11 +38,13 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import warnings
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -146,6 +148,16 @@ class StageBase(pl.LightningModule):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ steps and logging
+    def on_fit_start(self) -> None:
+        # The frozen CLIP stays in eval mode by design (nn/clip.py), so Lightning's "Found N module(s) in eval mode at
+        # the start of training" would greet every stage that holds one; silenced only when every eval-mode module is
+        # part of it, so that any other module left in eval mode is still reported.
+        in_eval = [name for name, m in self.named_modules() if not m.training]
+        if self.clip is not None and getattr(self.clip, "frozen", False) and all(
+                name == "clip" or name.startswith("clip.") for name in in_eval):
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode",
+                                    category=PossibleUserWarning)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Reseed the global RNG (CPU and CUDA) per batch so the training noise is a function of the step, not of
         # everything drawn before it: what makes a resumed run continue the uninterrupted one exactly.
