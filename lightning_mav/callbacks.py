@@ -1,8 +1,8 @@
 """Callbacks that are ours: sample media, gradient norm, data skip counts, a batch-size function for Lightning's
 ``ThroughputMonitor``, EMA with a warm-up of its decay (Lightning's ``EMAWeightAveraging`` underneath), a
-``ModelCheckpoint`` whose ``last.ckpt`` is always the run's final step, and two fault-handling pieces: ``ExceptionCheckpoint`` (a checkpoint when a run dies, without Lightning's implicit resume) and
-``AtomicCheckpointIO`` (checkpoint files that a kill can never leave half-written). Everything else (periodic
-LR, throughput) is Lightning's own."""
+``ModelCheckpoint`` whose ``last.ckpt`` is always the run's final step, and two fault-handling pieces:
+``ExceptionCheckpoint`` (a checkpoint when a run dies, without Lightning's implicit resume) and ``AtomicCheckpointIO``
+(checkpoint files that a kill can never leave half-written). Everything else (LR, throughput) is Lightning's own."""
 
 from __future__ import annotations
 

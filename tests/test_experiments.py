@@ -179,11 +179,12 @@ def test_every_stage_runs_fast_dev_run(stage: str, chain: dict[str, Any], shapes
     assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "media").exists()
 
 
-def test_a_trainable_module_left_in_eval_mode_is_still_reported(chain: dict[str, Any], shapes_root: Path,
-                                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_trainable_module_left_in_eval_mode_is_still_reported(
+        chain: dict[str, Any], shapes_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     clip_ckpt = chain["root"] / "runs" / "clip" / "checkpoints" / "last.ckpt"
     monkeypatch.chdir(tmp_path)
-    args = fit_args("decoder", shapes_root, "--trainer.fast_dev_run", "1", "--model.init_args.clip_ckpt", str(clip_ckpt))
+    args = fit_args("decoder", shapes_root, "--trainer.fast_dev_run", "1",
+                    "--model.init_args.clip_ckpt", str(clip_ckpt))
     cli = MAVCLI(args=args[1:], run=False)  # no subcommand: the trainer is built, not run
     cli.model.unet.mid.eval()  # a user's mistake, not the frozen CLIP: Lightning must still say so
     with warnings.catch_warnings(record=True) as caught:
