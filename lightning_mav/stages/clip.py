@@ -2,8 +2,8 @@
 
 No pretrained CLIP can be downloaded here, so the chain starts by training one: ``mav-tiny`` on the Moving Shapes
 text-image shards learns colour/shape/size words in minutes on a CPU; ``mav-tiny-rn`` with ``hard_negative_words``
-(the demo's ``experiments/clip.yaml``) learns the shape words far better. Any open_clip config (with local weights to fine-tune from, ``pretrained=``)
-trains the same way. The resulting ``.ckpt`` is what the P and D stages take as
+(the demo's ``experiments/clip.yaml``) learns the shape words far better. Any open_clip config (with local weights
+to fine-tune from, ``pretrained=``) trains the same way. The resulting ``.ckpt`` is what the P and D stages take as
 ``clip_ckpt`` (read back by ``CLIP.from_checkpoint``, which rebuilds the architecture from ``model_name`` /
 ``model_cfg`` in the hyperparameters).
 """
