@@ -13,9 +13,11 @@ refuses its arguments) stops before anything trains with one line, ``error: <key
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -209,9 +211,25 @@ def _command(name: str):  # imported lazily: `mav fit` must not pay for the pipe
     return fn
 
 
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_known_noise() -> None:
+    """Drop two lines every stage would print that say nothing about the run: Lightning's advert for its cloud
+    logger, and the deprecation torch 2.14 raises inside Lightning's own pytree helper
+    (``pytorch_lightning/utilities/_pytree.py``: ``isinstance(treespec, LeafSpec)``). Nothing else is filtered."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if _not_an_advert not in logger.filters:
+            logger.addFilter(_not_an_advert)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``mav`` and ``lightning``."""
     keep_freed_memory()  # video tensors: no mmap/munmap page faults per step (lightning_mav/malloc.py)
+    quiet_known_noise()
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("generate", "demo", "data", "evaluate"):
         _command(args[0])(args[1:])

@@ -39,14 +39,14 @@ from lightning_mav.stages.superres import SuperResStage
 
 #: the sampled networks, in the order of the chain (C_x is a frozen encoder, not sampled)
 STAGES: tuple[str, ...] = ("P", "D_t", "up_F", "SR_t", "SR_h")
-#: experiment / run-folder name of each network: ``runs/<name>/``, ``experiments/<name>.yaml``; SR_l is no link of
-#: the chain (SR_t is inflated from it) but ``mav evaluate`` scores it, and its options name it
-RUN_NAMES: dict[str, str] = {"clip": "clip", "P": "prior", "D_t": "dt", "up_F": "interp", "SR_t": "sr_t",
-                             "SR_h": "sr_h", "SR_l": "sr_l"}
+#: experiment / run-folder name of each network: ``runs/<name>/``, ``experiments/<name>.yaml``; D and SR_l are no
+#: links of the chain (D_t and SR_t are inflated from them) but ``mav evaluate`` scores them, and its options name them
+RUN_NAMES: dict[str, str] = {"clip": "clip", "P": "prior", "D": "decoder", "D_t": "dt", "up_F": "interp",
+                             "SR_t": "sr_t", "SR_h": "sr_h", "SR_l": "sr_l"}
 #: the checkpoints ``mav generate`` loads: C_x and the sampled networks
 CHAIN: tuple[str, ...] = ("clip", *STAGES)
 _ALIASES: dict[str, str] = {**{v: k for k, v in RUN_NAMES.items()}, **{s.lower(): s for s in STAGES}, "↑f": "up_F",
-                            "d_t": "D_t", "interpolation": "up_F", "decoder": "D_t"}
+                            "d_t": "D_t", "interpolation": "up_F"}
 PerStage = int | float | dict[str, int | float] | None
 #: SR_h frames per network call on the CPU. The demo's 76 frames (128 px, dim 16, 2 cores) took 5.2 s per sampling
 #: step at once and 2.6 s 4 at a time with glibc's default allocator (an 80 MB activation is mmapped afresh each

@@ -250,8 +250,8 @@ def test_missing_required_stage_is_a_one_line_error(tmp_path: Path, capsys: pyte
         ev.main(["--runs", str(tmp_path / "empty"), "--steps", "SR_x=3"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
-        "--steps/--guidance: unknown stage 'SR_x': use one of clip, P, D_t, up_F, SR_t, SR_h, SR_l "
-        "(or clip, prior, dt, interp, sr_t, sr_h, sr_l)")
+        "--steps/--guidance: unknown stage 'SR_x': use one of clip, P, D, D_t, up_F, SR_t, SR_h, SR_l "
+        "(or clip, prior, decoder, dt, interp, sr_t, sr_h, sr_l)")
 
 
 # ----------------------------------------------------------------------------------------------------- lightning test

@@ -9,6 +9,7 @@ YAMLs' CPU-demo sizes are shrunk to tiny networks with command-line overrides.
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,6 +192,21 @@ def test_a_trainable_module_left_in_eval_mode_is_still_reported(
         warnings.simplefilter("always")
         cli.trainer.fit(cli.model, cli.datamodule)
     assert [str(w.message) for w in caught if "module(s) in eval mode" in str(w.message)]
+
+
+def test_the_commands_drop_lightnings_advert_and_its_pytree_deprecation_only(
+        chain: dict[str, Any], shapes_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        main(fit_args("sr_l", shapes_root, "--trainer.fast_dev_run", "1"))
+        warnings.warn("a warning of the run itself", UserWarning)
+    assert "GPU available" in caplog.text  # Lightning's own info lines still print
+    assert "💡 Tip" not in caplog.text and "litlogger" not in caplog.text
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "LeafSpec" in m]
+    assert "a warning of the run itself" in messages
 
 
 # -------------------------------------------------------------------------------------------------- bad configs

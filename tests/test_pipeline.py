@@ -21,6 +21,7 @@ from lightning_mav.pipeline import (
     per_stage,
     stage_name,
     stop_index,
+    train_command,
 )
 from lightning_mav.stages.superres import SuperResStage
 
@@ -50,6 +51,9 @@ def test_per_stage_options_and_names() -> None:
                                                                                       "SR_h", "P", "D_t"]
     with pytest.raises(ValueError, match="unknown stage 'SR_x'"):
         stage_name("SR_x")
+    # D (the run folder "decoder") has a name of its own: loading it names the command that trains it
+    assert stage_name("D") == stage_name("decoder") == "D"
+    assert train_command("D") == "lightning fit --config experiments/decoder.yaml"
     assert parse_per_stage("7") == 7 and parse_per_stage(None) is None
     steps = parse_per_stage("20,dt=50,sr_h=10")
     assert steps == {"*": 20, "D_t": 50, "SR_h": 10}

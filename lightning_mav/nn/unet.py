@@ -235,7 +235,10 @@ class UNet(nn.Module):
             views free and the temporal conv a plain GEMM, but CPU GroupNorm is ~2x slower in it and the 3x3 convs
             are equal; measured D_t fwd+bwd (dim 32, mults 1-2-4-8, F=8, 1 CPU thread, CPU time): 64x64 with
             attention at the last level NCHW 3.18 s vs channels_last 3.24 s; 32x32 with attention at levels
-            1-3 1.31 s vs 1.29 s. A wash on CPU, so off by default; worth trying on GPU (cuDNN NHWC).
+            1-3 1.31 s vs 1.29 s. With the 2 threads of the demo's CPU and its small U-Nets it pays: training steps
+            D 1.09x, SR_l / SR_h 1.08-1.09x, D_t 1.05x, ↑F 0.94x, SR_t 1.02x; sampling D 1.05x, D_t 1.17x,
+            SR_l 1.15x (2026-12-03, median of 7 interleaved steps), so the demo's D and SR YAMLs turn it on (children
+            inherit it). Off by default; unmeasured on GPU (cuDNN prefers NHWC).
         norm_groups: GroupNorm groups.
         max_frames: see ``p3d.RotaryEmbedding`` (not a hard limit).
     """
