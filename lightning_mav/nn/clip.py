@@ -35,7 +35,7 @@ MAV_TINY: dict[str, Any] = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
 }
 # The same with open_clip's ModifiedResNet image tower: after 300 steps on Moving Shapes its y_e tells the shapes
-# apart (linear probe 0.72-0.79, the ViT's 0.45, chance 0.33) at 0.7x the ViT's step time. The demo's CLIP
+# apart (linear probe 0.72-0.79, the ViT's 0.45, chance 0.33) at 0.7x the ViT's step time. It is the demo's CLIP
 # (experiments/clip.yaml, with hard-negative captions: probe 0.93; README, "Choices").
 MAV_TINY_RN: dict[str, Any] = {
     "embed_dim": 128,
