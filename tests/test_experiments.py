@@ -195,8 +195,7 @@ def test_a_trainable_module_left_in_eval_mode_is_still_reported(
 
 
 def test_the_commands_drop_lightnings_advert_and_its_pytree_deprecation_only(
-        chain: dict[str, Any], shapes_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+        shapes_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.chdir(tmp_path)
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
         warnings.simplefilter("always")
