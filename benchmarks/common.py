@@ -73,13 +73,14 @@ def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- GEMM reference rate
-def gemm_rate(n: int = 2048, reps: int = 3) -> tuple[float, float]:
-    """fp32 ``[n, n] @ [n, n]`` rate with the current threads: (best GFLOP/s of wall time, best GFLOP per CPU-s).
+def gemm_rate(n: int = 2048, reps: int = 3, dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+    """``[n, n] @ [n, n]`` rate in ``dtype`` (fp32 by default) with the current threads: (best GFLOP/s of wall time,
+    best GFLOP per CPU-s).
 
     The best of ``reps`` (after a warm-up) is the machine's attainable rate at that moment; the caller takes the
     median over the run's rounds.
     """
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up: MKL buffers, page faults
     flop = 2.0 * n ** 3
     best_wall = best_cpu = 0.0

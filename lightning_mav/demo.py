@@ -18,7 +18,10 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from lightning_mav.cli import EXPERIMENTS, MAVCLI
+from lightning_mav.nn.mixed_precision import native_bf16
 
 # (run folder, paper name, what it learns) in the order the chain needs them.
 CHAIN: tuple[tuple[str, str, str], ...] = (
@@ -37,11 +40,21 @@ def _elapsed(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
-def train_stage(stage: str, *, data: Path, runs: Path, max_steps: int | None = None,
+def demo_precision(precision: str = "auto") -> str:
+    """The stages' ``trainer.precision``: ``auto`` = ``bf16-mixed`` where this machine computes bf16 natively (a
+    CUDA GPU, a CPU with AMX: training steps 1.1-1.5x faster on a 2-core Xeon), else ``32-true``."""
+    if precision != "auto":
+        return precision
+    return "bf16-mixed" if native_bf16("cuda" if torch.cuda.is_available() else "cpu") else "32-true"
+
+
+def train_stage(stage: str, *, data: Path, runs: Path, max_steps: int | None = None, precision: str | None = None,
                 extra: Sequence[str] = ()) -> dict:
     """``lightning fit --config experiments/<stage>.yaml`` on the shapes data; returns what DONE records."""
     args = ["fit", "--config", str(EXPERIMENTS / f"{stage}.yaml"), "--data.init_args.root", str(data),
             "--trainer.logger.init_args.save_dir", str(runs)]
+    if precision is not None:
+        args += ["--trainer.precision", precision]
     if max_steps is not None:
         interval = max(1, max_steps // 2)
         args += ["--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", str(interval)]
@@ -54,12 +67,15 @@ def train_stage(stage: str, *, data: Path, runs: Path, max_steps: int | None = N
     if not last.is_file():
         raise RuntimeError(f"stage {stage} finished without writing {last}")
     return {"stage": stage, "steps": cli.trainer.global_step, "seconds": round(time.time() - start, 1),
-            "metrics": metrics}
+            "precision": str(cli.trainer.precision), "metrics": metrics}
 
 
 def run_demo(*, data: Path = Path("data/shapes"), runs: Path = Path("runs"), force: bool = False,
-             quick: bool = False, num_prompts: int = 4, stages: Sequence[str] | None = None) -> Path:
+             quick: bool = False, num_prompts: int = 4, stages: Sequence[str] | None = None,
+             precision: str = "auto") -> Path:
     """Train every stage that is not done yet, then evaluate the chain and write ``runs/demo/report.md``.
+
+    ``precision`` (see :func:`demo_precision`) also sets the sampling dtype of the evaluation (bf16 or fp32).
 
     ``runs`` must be the folder the stage YAMLs chain through (``runs/<parent>/checkpoints/last.ckpt``, relative to
     the working directory); it is a parameter for tests that run in a temporary working directory.
@@ -71,6 +87,9 @@ def run_demo(*, data: Path = Path("data/shapes"), runs: Path = Path("runs"), for
         print(f"[data] writing Moving Shapes to {data} ...", flush=True)
         shapes.generate(data, **(_QUICK_DATA if quick else {}))
     chain = [c for c in CHAIN if stages is None or c[0] in stages]
+    chosen, precision = precision, demo_precision(precision)
+    print(f"[precision] {precision}" + (" (auto: bf16 is native here; --precision 32-true for fp32)"
+                                        if chosen == "auto" and precision != "32-true" else ""), flush=True)
     records = []
     for i, (stage, paper, what) in enumerate(chain, 1):
         done = runs / stage / "DONE"
@@ -80,7 +99,8 @@ def run_demo(*, data: Path = Path("data/shapes"), runs: Path = Path("runs"), for
         else:
             shutil.rmtree(runs / stage, ignore_errors=True)  # a fresh run, not a mix with an older one
             print(f"[{i}/{len(chain)}] {stage} ({paper}): {what} ...", flush=True)
-            record = train_stage(stage, data=data, runs=runs, max_steps=_QUICK_STEPS if quick else None)
+            record = train_stage(stage, data=data, runs=runs, max_steps=_QUICK_STEPS if quick else None,
+                                 precision=precision)
             done.write_text(json.dumps(record, indent=1) + "\n")
             loss = record["metrics"].get("val/loss")
             print(f"[{i}/{len(chain)}] {stage} ({paper}): {record['steps']} steps in "
@@ -94,7 +114,8 @@ def run_demo(*, data: Path = Path("data/shapes"), runs: Path = Path("runs"), for
     out = runs / "demo"
     # few sampling steps after D_t: ↑F, SR_t and SR_h run on 76 frames, which dominates a CPU's evaluation time
     result = evaluate(runs=runs, data=data, out=out, num_prompts=num_prompts, quick=quick,
-                      steps=None if quick else {"P": 16, "D_t": 20, "*": 8}, eval_clips=8)
+                      steps=None if quick else {"P": 16, "D_t": 20, "*": 8}, eval_clips=8,
+                      dtype="bf16" if precision.startswith("bf16") else "fp32")
     report = write_report(out, records, result, seconds=time.time() - t0)
     print(f"[done] {report} ({_elapsed(time.time() - t0)})", flush=True)
     return report
@@ -109,13 +130,14 @@ def write_report(out: Path, records: list[dict], result: dict, *, seconds: float
     lines = ["# Make-A-Video on Moving Shapes", "",
              f"The whole chain, trained and evaluated on this machine in {_elapsed(seconds)} "
              "(stages trained earlier and skipped count as 0).", "", "## Stages", "",
-             "| stage | paper | steps | time | val/loss |", "|---|---|---:|---:|---:|"]
+             "| stage | paper | steps | time | precision | val/loss |", "|---|---|---:|---:|---|---:|"]
     names = {s: p for s, p, _ in CHAIN}
     for r in records:
         loss = r["metrics"].get("val/loss")
         lines.append(f"| {r['stage']} | {names.get(r['stage'], '')} | {r['steps']} | {_elapsed(r['seconds'])} | "
-                     + (f"{loss:.4f}" if loss is not None else "–") + " |")
-    lines += ["", "## Metrics", "", "| metric | value | what it means |", "|---|---:|---|"]
+                     f"{r.get('precision', '32-true')} | " + (f"{loss:.4f}" if loss is not None else "–") + " |")
+    lines += ["", f"Videos sampled in {result['run'].get('dtype', 'float32')}.",
+              "", "## Metrics", "", "| metric | value | what it means |", "|---|---:|---|"]
     for name, entry in result["metrics"].items():
         value = entry["value"]
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
@@ -137,9 +159,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--quick", action="store_true", help="a few steps per stage (checks the plumbing only)")
     parser.add_argument("--prompts", type=int, default=4, help="held-out prompts to generate videos for")
     parser.add_argument("--stages", nargs="*", default=None, help="train only these stages")
+    parser.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed"],
+                        help="the stages' trainer.precision (auto: bf16-mixed on CUDA and on CPUs with AMX)")
     args = parser.parse_args(argv)
     return run_demo(data=args.data, force=args.force, quick=args.quick, num_prompts=args.prompts,
-                    stages=args.stages)
+                    stages=args.stages, precision=args.precision)
 
 
 if __name__ == "__main__":

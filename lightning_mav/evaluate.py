@@ -63,6 +63,7 @@ from lightning_mav.metrics import (
 )
 from lightning_mav.pipeline import (
     CHAIN,
+    DTYPES,
     STAGES,
     MakeAVideoPipeline,
     PerStage,
@@ -389,10 +390,12 @@ def _fingerprint(path: str) -> list[Any]:
 
 
 def sample_key(batch: Sequence[SampleSpec], position: int, settings: GenerationSettings,
-               checkpoints: dict[str, str]) -> str:
-    """Hash of everything a sample depends on: its batch's prompts and seed, its position, settings, checkpoints."""
+               checkpoints: dict[str, str], dtype: torch.dtype = torch.float32) -> str:
+    """Hash of everything a sample depends on: its batch's prompts and seed, its position, settings, checkpoints
+    and the pipeline's compute dtype."""
     what = {"prompts": [s.prompt for s in batch], "seed": batch[0].seed, "position": position,
-            "settings": asdict(settings), "checkpoints": {k: _fingerprint(v) for k, v in sorted(checkpoints.items())}}
+            "settings": asdict(settings), "checkpoints": {k: _fingerprint(v) for k, v in sorted(checkpoints.items())},
+            "dtype": str(dtype)}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -456,7 +459,7 @@ def generate_samples(chain: Chain, plan: list[list[SampleSpec]], out: Path, sett
     paths: list[Path] = []
     fresh: set[Path] = set()
     for batch in plan:
-        keys = [sample_key(batch, s.position, settings, chain.checkpoints) for s in batch]
+        keys = [sample_key(batch, s.position, settings, chain.checkpoints, chain.pipe.dtype) for s in batch]
         files = [out / "samples" / f"{s.index:05d}.pt" for s in batch]
         done = all(load_sample(f, k) is not None for f, k in zip(files, keys))
         if not done:
@@ -824,6 +827,7 @@ def evaluate(
     fvd_videos: int = 2048,
     quick: bool = False,
     device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Generate videos for the prompts with the trained chain under ``runs`` and score them; see the module docs.
@@ -842,6 +846,8 @@ def evaluate(
         eval_clips: real clips / images per PSNR score and for the real motion reference; fvd_videos: real clips
             for FVD at most.
         quick: 2 sampling steps (unless ``steps``), at most 2 prompts, 2 clips per PSNR score (checks plumbing).
+        device, dtype: the pipeline's (``dtype`` "auto": bf16 on CUDA and on CPUs with AMX; part of every sample's
+            key).
 
     Returns:
         ``{"metrics": {name: {"value": float | str, "about": str}}, "videos": [{"prompt", "files": [mp4, gif],
@@ -853,7 +859,8 @@ def evaluate(
         settings = replace(settings, steps=2 if steps is None else steps)
         num_prompts = min(num_prompts or 2, 2)
         eval_clips, fvd_videos = min(eval_clips, 2), min(fvd_videos, 8)
-    chain = load_chain(runs, device=device)  # first: a missing checkpoint is the likeliest error, say it at once
+    # first: a missing checkpoint is the likeliest error, say it at once
+    chain = load_chain(runs, device=device, dtype=dtype)
     prompt_list = load_prompts(prompts, data=data, classes=classes, template=template, num_prompts=num_prompts)
     plan = plan_samples(prompt_list, videos_per_prompt, batch_size, seed)
     t0 = time.perf_counter()
@@ -883,7 +890,7 @@ def evaluate(
     result = {"metrics": scores, "videos": videos, "run": {
         "generated": len(fresh), "reused": len(files) - len(fresh), "prompts": len(prompt_list),
         "videos_per_prompt": videos_per_prompt, "stages": ran, "settings": asdict(settings), "seed": seed,
-        "checkpoints": chain.checkpoints, "seconds": seconds,
+        "checkpoints": chain.checkpoints, "dtype": str(chain.pipe.dtype).removeprefix("torch."), "seconds": seconds,
         "scored_frames": {"shapes/*, coherence/D_t, coherence/D_per_frame": "D_t's output (and the ablation's)",
                           "coherence/up_F": "↑F's output (before SR)", "clipsim, fvd": f"the final output ({ran[-1]})"},
     }}
@@ -1036,6 +1043,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="real clips / images per PSNR score and for the real motion reference")
     p.add_argument("--fvd-videos", type=int, default=2048, help="real clips for FVD (at most)")
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="auto (bf16 on CUDA and on CPUs with AMX), bf16, fp16 or fp32")
     p.add_argument("--quick", action="store_true", help="2 steps, 2 prompts (checks the plumbing only)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -1056,7 +1065,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             real_videos=args.real_videos, real_images=args.real_images, num_frames=args.num_frames, fps=args.fps,
             skip=args.skip, steps=steps, guidance=guidance, stop_after=args.stop_after, seed=args.seed,
             batch_size=args.batch_size, eval_clips=args.eval_clips, fvd_videos=args.fvd_videos, quick=args.quick,
-            device=args.device, progress=not args.no_progress)
+            device=args.device, dtype=args.dtype, progress=not args.no_progress)
     except (CheckpointError, FileNotFoundError) as e:
         sys.stderr.write(f"error: {str(e).splitlines()[0]}\n")
         raise SystemExit(2) from None

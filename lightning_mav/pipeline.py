@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from lightning_mav.checkpoints import CheckpointError, load_checkpoint
 from lightning_mav.media import write_gif, write_mp4
+from lightning_mav.nn.mixed_precision import native_bf16
 from lightning_mav.stages.base import StageBase
 from lightning_mav.stages.decoder import DecoderStage
 from lightning_mav.stages.interpolation import InterpolationStage
@@ -168,16 +169,19 @@ def load_stage(cls: type[StageBase], path: str | Path, *, stage: str, clip_ckpt:
     return module
 
 
+_DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+                "fp32": torch.float32, "float32": torch.float32}
+DTYPES = ("auto", *_DTYPE_NAMES)  # what --dtype accepts
+
+
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "fp32": torch.float32, "float32": torch.float32}
-    if dtype not in names:
-        raise ValueError(f"dtype must be one of {sorted(names)} or 'auto', got {dtype!r}")
-    return names[dtype]
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPE_NAMES)} or 'auto', got {dtype!r}")
+    return _DTYPE_NAMES[dtype]
 
 
 # ---------------------------------------------------------------------------------------------- the pipeline
@@ -190,8 +194,9 @@ class MakeAVideoPipeline:
 
     Args:
         device: default CUDA when available.
-        dtype: compute dtype; ``None``/"auto" = bfloat16 autocast on CUDA, float32 on CPU. Weights stay float32
-            (the samplers' arithmetic with them); only the networks' matmuls/convs run in ``dtype``.
+        dtype: compute dtype; ``None``/"auto" = bfloat16 autocast where the device computes it natively (CUDA, a CPU
+            with AMX: 1.4x faster sampling on a 2-core Xeon), float32 elsewhere. Weights stay float32 (the samplers'
+            arithmetic with them); only the networks' matmuls/convs run in ``dtype``.
     """
 
     def __init__(self, C_x: nn.Module, P: PriorStage, D_t: DecoderStage, up_F: InterpolationStage | None = None,
@@ -255,9 +260,9 @@ class MakeAVideoPipeline:
         return {name: getattr(self, name) for name in STAGES if getattr(self, name) is not None}
 
     def autocast(self):
-        """bfloat16 (``dtype``) autocast on CUDA; nothing on CPU or in float32."""
-        if self.device.type == "cuda" and self.dtype != torch.float32:
-            return torch.autocast("cuda", dtype=self.dtype)
+        """``dtype`` autocast on the pipeline's device; nothing in float32."""
+        if self.dtype != torch.float32:
+            return torch.autocast(self.device.type, dtype=self.dtype)
         return nullcontext()
 
     # ------------------------------------------------------------------ the chain
@@ -411,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-batch", type=int, default=None,
                    help=f"SR_h frames per call (default: all on a GPU, {CPU_FRAME_BATCH} on the CPU)")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA), bf16, fp16 or fp32")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="auto (bf16 on CUDA and on CPUs with AMX), bf16, fp16 or fp32")
     p.add_argument("--no-gif", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p

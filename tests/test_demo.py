@@ -13,7 +13,7 @@ from lightning_mav.media import read_video
 
 @pytest.mark.slow
 def test_quick_demo_trains_the_chain_and_writes_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lightning_mav.demo import CHAIN, run_demo
+    from lightning_mav.demo import CHAIN, demo_precision, run_demo
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["mav", "demo", "--quick"])  # as from the command line
@@ -27,6 +27,9 @@ def test_quick_demo_trains_the_chain_and_writes_the_report(tmp_path: Path, monke
         assert (tmp_path / "runs" / stage / "DONE").is_file(), stage
     text = report.read_text()
     assert "## Metrics" in text and "shapes/color" in text and "coherence/D_t" in text
+    precision = demo_precision()  # auto: bf16-mixed on CPUs with AMX, else 32-true
+    assert text.count(f"| {precision} |") == len(CHAIN)  # every stage trained in it
+    assert f"Videos sampled in {'bfloat16' if precision == 'bf16-mixed' else 'float32'}." in text
     (mp4,) = (tmp_path / "runs" / "demo" / "videos").glob("*.mp4")
     frames, fps = read_video(mp4)
     assert frames.shape[0] == 76 and fps > 0

@@ -18,6 +18,7 @@ import lightning_mav.evaluate as ev
 from lightning_mav.cli import EXPERIMENTS, MAVCLI
 from lightning_mav.media import read_video
 from lightning_mav.metrics import TemporalCoherence
+from lightning_mav.nn.mixed_precision import native_bf16
 
 EXPECTED = {
     "shapes/color", "shapes/shape", "shapes/size", "shapes/all",
@@ -147,7 +148,7 @@ def test_generate_batch_returns_what_the_pipeline_makes_and_its_intermediates(ru
 
 def test_real_data_scores_do_not_depend_on_batching(runs: Path, shapes_root: Path) -> None:
     """Each real clip's noise comes from its key, so batches (and DDP ranks) do not change the PSNR scores."""
-    chain = ev.load_chain(runs, device="cpu")
+    chain = ev.load_chain(runs, device="cpu", dtype="fp32")  # bf16 kernels round differently per batch shape
     settings = ev.GenerationSettings(num_frames=4, steps=1)
     scores = []
     for batch_size in (1, 3):
@@ -239,6 +240,12 @@ def test_evaluate_writes_metrics_videos_and_reuses_samples(runs: Path, shapes_ro
     for video in third["videos"]:
         mp4 = Path(video["files"][0])
         assert mp4.stat().st_mtime_ns != mtimes.get(mp4)
+    # Another compute dtype is another sample too (auto: bf16 on CPUs with AMX, fp32 elsewhere).
+    assert third["run"]["dtype"] == ("bfloat16" if native_bf16("cpu") else "float32")
+    other = "fp32" if third["run"]["dtype"] == "bfloat16" else "bf16"
+    fourth = ev.evaluate(runs, shapes_root, out, num_prompts=2, num_frames=4, quick=True, seed=1, progress=False,
+                         dtype=other)
+    assert fourth["run"]["generated"] == 2 and fourth["run"]["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[other]
 
 
 def test_missing_required_stage_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

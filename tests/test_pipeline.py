@@ -11,6 +11,7 @@ from PIL import Image
 
 from lightning_mav.checkpoints import CheckpointError
 from lightning_mav.media import read_video
+from lightning_mav.nn.mixed_precision import native_bf16
 from lightning_mav.pipeline import (
     CPU_FRAME_BATCH,
     MakeAVideoPipeline,
@@ -102,7 +103,7 @@ def test_generate_writes_a_76_frame_mp4_and_gif(runs: Path, tmp_path: Path, caps
 def test_pipeline_stages_attributes_stop_after_and_seed(runs: Path, capsys: pytest.CaptureFixture) -> None:
     pipe = load(runs, sr_h=None)
     assert list(pipe.stages) == ["P", "D_t", "up_F", "SR_t"] and pipe.C_x is pipe.P.clip
-    assert pipe.dtype == torch.float32  # bf16 autocast only on CUDA
+    assert pipe.dtype == (torch.bfloat16 if native_bf16("cpu") else torch.float32)  # auto: bf16 where native
     a = pipe("a blue square", num_frames=4, steps=1, seed=1, stop_after="D_t", progress=True)
     assert a.shape == (1, 4, 3, 8, 8) and pipe.last_fps == 6.0
     assert a.min() >= -1 and a.max() <= 1

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .mixed_precision import attention
+
 __all__ = [
     "Conv_P3D",
     "Attn_P3D",
@@ -297,7 +299,7 @@ class SpatialAttention(nn.Module):
             if context_mask is not None:
                 full = torch.cat([context_mask.new_ones(b, h * w), context_mask.bool()], 1)  # own tokens: valid
                 mask = full[:, None].expand(b, f, h * w + length).reshape(n, 1, 1, h * w + length)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [N, hd, HW, d]
+        out = attention(q, k, v, attn_mask=mask)  # [N, hd, HW, d]
         out = self.to_out(out.transpose(1, 2).reshape(n, h * w, hd * d))
         # residual in x's layout; the token view is channels_last-strided, a free view either way
         return x + out.view(n, h, w, c).permute(0, 3, 1, 2)
@@ -337,7 +339,7 @@ class TemporalAttention(nn.Module):
         seq = x.view(b, f, c, h * w).permute(0, 3, 1, 2).reshape(b * h * w, f, c)
         q, k, v = self.to_qkv(self.norm(seq)).view(b * h * w, f, 3, hd, d).permute(2, 0, 3, 1, 4)
         q, k = self.rotary(q), self.rotary(k)
-        out = F.scaled_dot_product_attention(q, k, v)  # [(B H W), hd, F, d]
+        out = attention(q, k, v)  # [(B H W), hd, F, d]
         out = self.to_out(out.transpose(1, 2).reshape(b * h * w, f, hd * d))
         # residual on the [B, F, C, H, W] view of x; the sum keeps x's memory format so the view back is free
         y = x.view(b, f, c, h, w) + out.view(b, h, w, f, c).permute(0, 3, 4, 1, 2)

@@ -14,10 +14,10 @@ Classifier-free guidance: ``drop_cond`` replaces ``e_x`` by a learned null embed
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_mav.nn.embeddings import TimestepEmbedding
+from lightning_mav.nn.mixed_precision import attention
 
 NUM_EXTRA_TOKENS = 4  # e_x, timestep, y_t, query
 
@@ -39,7 +39,7 @@ class Block(nn.Module):
         """x ``[B, N, dim]``; allowed ``[B, 1, N, N]`` bool (True = query may attend to key)."""
         b, n, _ = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0)
+        a = attention(q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0)
         x = x + self.proj(a.transpose(1, 2).reshape(b, n, -1))
         return x + self.mlp(self.norm2(x))
 

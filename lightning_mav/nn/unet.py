@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .embeddings import FpsEmbedding, TimestepEmbedding
+from .mixed_precision import GroupNorm32
 from .p3d import Attn_P3D, Conv_P3D, fold_frames, is_channels_last, unfold_frames
 
 __all__ = ["UNet", "ResBlock", "count_parameters", "is_temporal_name"]
@@ -44,9 +45,9 @@ def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
+def _group_norm(channels: int, groups: int) -> GroupNorm32:
     # gcd keeps small test widths (16, 24, ...) valid while using 32 groups at real widths
-    return nn.GroupNorm(math.gcd(groups, channels), channels)
+    return GroupNorm32(math.gcd(groups, channels), channels)
 
 
 class ResBlock(nn.Module):

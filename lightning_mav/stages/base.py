@@ -43,7 +43,8 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.plugins.precision import MixedPrecision
+from pytorch_lightning.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -266,6 +267,18 @@ class StageBase(pl.LightningModule):
                                       fused=fused or None, foreach=None if fused else True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        # Lightning's MixedPrecision refuses any clipping with a fused optimizer, since such an optimizer unscales
+        # inside its step; under bf16-mixed nothing is scaled (no GradScaler), so the gradients are clipped as they
+        # are, as in fp32 (Lightning-AI/pytorch-lightning#21435).
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            super(MixedPrecision, plugin).clip_gradients(optimizer, gradient_clip_val or 0.0,
+                                                         GradClipAlgorithmType(gradient_clip_algorithm or "norm"))
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``lr`` at optimizer step ``step``: linear warm-up, then constant or cosine to 0."""

@@ -10,6 +10,7 @@ to fine-tune from, ``pretrained=``) trains the same way. The resulting ``.ckpt``
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import re
@@ -21,6 +22,7 @@ from open_clip import ClipLoss
 from torch import Tensor
 
 from lightning_mav.nn.clip import CLIP
+from lightning_mav.nn.mixed_precision import CPUAttentionFP32, cpu_autocast
 from lightning_mav.stages.base import StageBase, step_seed
 
 MAX_LOGIT_SCALE = math.log(100)  # open_clip's training clamp on the learned temperature
@@ -82,9 +84,11 @@ class CLIPStage(StageBase):
             images, captions = images[keep.to(images.device)], [c for c, k in zip(captions, keep.tolist()) if k]
             if not captions:
                 return images.sum() * 0.0, 0
-        image = self.clip.encode_image(images)  # [B, D], unit norm
         negatives = self.hard_negatives(captions, generator)
-        text = self.clip.encode_text(self.clip.tokenize(captions + negatives))  # [B + K, D], unit norm
+        # open_clip's attention in fp32 under CPU bf16 autocast, where its bf16 backward is slow (nn/mixed_precision)
+        with CPUAttentionFP32() if cpu_autocast(images.device) else contextlib.nullcontext():
+            image = self.clip.encode_image(images)  # [B, D], unit norm
+            text = self.clip.encode_text(self.clip.tokenize(captions + negatives))  # [B + K, D], unit norm
         scale, b = self.clip.model.logit_scale.exp(), image.shape[0]
         if not negatives:
             return self.loss_fn(image, text, scale), b

@@ -1,0 +1,87 @@
+"""What bf16 autocast runs in float32 instead, and why: two CPU kernels that are slower in bf16 than in fp32.
+
+On a CPU with AMX (Intel Sapphire Rapids and later) ``bf16-mixed`` makes convolutions and matmuls 3-4x faster
+(2-core Xeon: 3x3 conv 140 -> 600 GFLOP/s), but in torch 2.14 two CPU kernels go the other way: the flash-attention
+*backward* in bf16 is ~12x slower than in fp32 (1.3 -> 15 ms a call in D's step) and bf16 GroupNorm's backward ~3x
+(0.55 -> 1.6 ms). With both in bf16 a D step gained 1.04-1.14x; with both in fp32, 1.28-1.55x (``README``, "Speed and
+memory"). GroupNorm in fp32 is also ADM's ``GroupNorm32`` (statistics over many values want fp32); on CUDA autocast
+already runs group_norm in fp32 and attention keeps its bf16 flash kernels, so only the CPU path changes there.
+
+- :func:`native_bf16`: whether a device computes bf16 natively, the choice of ``auto`` precision (demo, pipeline).
+- :func:`attention`: ``scaled_dot_product_attention`` for our own layers, fp32 under CPU autocast.
+- :class:`GroupNorm32`: GroupNorm computed in fp32 under any autocast, returned in the input's dtype.
+- :class:`CPUAttentionFP32`: a function mode for attention we do not own (open_clip's ``nn.MultiheadAttention``),
+  entered around the CLIP stage's training forward only: a Python mode sees every op, too costly for the U-Nets.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` runs bf16 matmuls/convs natively: a CUDA GPU with bf16 support, or a CPU with AMX-BF16.
+
+    CPUs with only AVX512-BF16 or without any bf16 instructions are left in fp32: there bf16 autocast adds casts
+    without the 3-4x faster kernels that pay for them (an assumption: no such CPU was at hand to measure).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(getattr(torch.cpu, "get_capabilities", dict)().get("amx_bf16", False))
+    return False
+
+
+def cpu_autocast(device: torch.device) -> bool:
+    """Whether CPU autocast is on and ``device`` is the CPU."""
+    return device.type == "cpu" and torch.is_autocast_enabled("cpu")
+
+
+def _float(x: Any) -> Any:
+    return x.float() if isinstance(x, Tensor) and x.is_floating_point() else x
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
+    """``F.scaled_dot_product_attention`` (``[N, heads, L, d]``), in fp32 under CPU autocast; output in ``q``'s
+    dtype."""
+    if not cpu_autocast(q.device):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    with torch.autocast("cpu", enabled=False):
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=_float(attn_mask),
+                                             dropout_p=dropout_p)
+    return out.to(q.dtype)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """``nn.GroupNorm`` that normalises in fp32 under autocast and returns the input's dtype (ADM's GroupNorm32);
+    without autocast it is ``nn.GroupNorm``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        device = x.device.type
+        if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+            return super().forward(x)
+        with torch.autocast(device, enabled=False):
+            return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+class CPUAttentionFP32(TorchFunctionMode):
+    """Context manager: under CPU autocast, ``nn.MultiheadAttention`` (in- and out-projections included) and any
+    direct ``scaled_dot_product_attention`` call run in fp32; outputs come back in the input's dtype."""
+
+    _FP32 = frozenset({F.multi_head_attention_forward, F.scaled_dot_product_attention})
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func not in self._FP32 or not cpu_autocast(args[0].device):
+            return func(*args, **kwargs)
+        dtype = args[0].dtype
+        with torch.autocast("cpu", enabled=False):
+            out = func(*map(_float, args), **{k: _float(v) for k, v in kwargs.items()})
+        if isinstance(out, Tensor):
+            return out.to(dtype)
+        return tuple(o.to(dtype) if isinstance(o, Tensor) and o.is_floating_point() else o for o in out)
