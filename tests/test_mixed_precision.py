@@ -130,3 +130,13 @@ def test_auto_precision_follows_the_cpus_amx(monkeypatch, amx: bool) -> None:
     assert _resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if amx else torch.float32)
     assert demo_precision("auto") == ("bf16-mixed" if amx else "32-true")
     assert demo_precision("32-true") == "32-true" and _resolve_dtype("fp32", torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.parametrize(("capability", "native"), [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_auto_precision_on_cuda_needs_ampere_or_later(monkeypatch, capability: tuple[int, int], native: bool) -> None:
+    from lightning_mav.pipeline import _resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert native_bf16("cuda") is native  # V100 / T4 emulate bf16: auto stays fp32 there
+    assert _resolve_dtype("auto", torch.device("cuda")) == (torch.bfloat16 if native else torch.float32)

@@ -24,14 +24,15 @@ from torch.overrides import TorchFunctionMode
 
 
 def native_bf16(device: torch.device | str) -> bool:
-    """Whether ``device`` runs bf16 matmuls/convs natively: a CUDA GPU with bf16 support, or a CPU with AMX-BF16.
+    """Whether ``device`` runs bf16 matmuls/convs natively: a CUDA GPU of compute capability 8.0 or later (Ampere
+    on; V100 and T4 only emulate bf16), or a CPU with AMX-BF16.
 
     CPUs with only AVX512-BF16 or without any bf16 instructions are left in fp32: there bf16 autocast adds casts
     without the 3-4x faster kernels that pay for them (an assumption: no such CPU was at hand to measure).
     """
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
         return bool(getattr(torch.cpu, "get_capabilities", dict)().get("amx_bf16", False))
     return False
