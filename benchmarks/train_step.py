@@ -53,11 +53,6 @@ SECTION = "## D_t training step vs peers"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PRECISION_TEXT = {"fp32": "fp32", "bf16": "bf16 autocast on the CPU (forward and loss of every model; fp32 weights, "
                                           "gradients and AdamW)"}
-
-
-def section(precision: str) -> str:
-    """The RESULTS.md heading of a run: the fp32 table and the bf16-autocast one are separate sections."""
-    return SECTION if precision == "fp32" else f"{SECTION}, bf16 autocast"
 PRESETS = {
     "quick": dict(frames=8, size=32, batch=1, reps=2, threads=1),
     "default": dict(frames=16, size=32, batch=1, reps=3, threads=1),
@@ -76,6 +71,11 @@ LABELS = {"ours": "ours (D_t)", "ours-ckpt": "ours + checkpointing", "ours-compi
           "ours-foreach": "ours with foreach AdamW (the stages' CPU optimizer before fused)",
           "stu": "SpaceTimeUnet", "stu-tc": "SpaceTimeUnet, temporal compression",
           "unet3d": "UNet3DConditionModel"}
+
+
+def section(precision: str) -> str:
+    """The RESULTS.md heading of a run: the fp32 table and the bf16-autocast one are separate sections."""
+    return SECTION if precision == "fp32" else f"{SECTION}, bf16 autocast"
 
 
 @dataclass
