@@ -25,16 +25,18 @@ from torch.overrides import TorchFunctionMode
 
 def native_bf16(device: torch.device | str) -> bool:
     """Whether ``device`` runs bf16 matmuls/convs natively: a CUDA GPU of compute capability 8.0 or later (Ampere
-    on; V100 and T4 only emulate bf16), or a CPU with AMX-BF16.
+    on; V100 and T4 only emulate bf16), or a CPU with AMX-BF16 (Intel Sapphire Rapids on) or AVX512-BF16 (AMD Zen 4
+    on, Intel Cooper Lake).
 
-    CPUs with only AVX512-BF16 or without any bf16 instructions are left in fp32: there bf16 autocast adds casts
-    without the 3-4x faster kernels that pay for them (an assumption: no such CPU was at hand to measure).
+    CPUs without bf16 instructions are left in fp32: there bf16 autocast adds casts without faster kernels to pay
+    for them.
     """
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
-        return bool(getattr(torch.cpu, "get_capabilities", dict)().get("amx_bf16", False))
+        caps = getattr(torch.cpu, "get_capabilities", dict)()
+        return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
     return False
 
 
