@@ -12,6 +12,7 @@ frames (resize in libswscale, straight to the output size), and stops at the las
 from __future__ import annotations
 
 import io
+import math
 import random
 from dataclasses import dataclass
 from typing import Literal
@@ -153,15 +154,20 @@ def plan_clip(num_native: int, native_fps: float, num_frames: int, fps_min: floa
               rng: random.Random) -> ClipPlan:
     """Draw a target fps uniformly in [fps_min, fps_max], turn it into a native-frame stride and a start.
 
-    ``stride = max(1, round(native_fps / target))``; the fps actually used is ``native_fps / stride``.
-    When the video is too short for that stride, the stride shrinks to the largest that fits (so short clips
-    come out at a higher fps than drawn; the returned fps is always the true one).
+    ``stride = round(native_fps / target)``, kept to the strides whose fps ``native_fps / stride`` lies in
+    ``[fps_min, fps_max]`` where one does (rounding alone gives 40 fps for a 40 fps video and a drawn 27, above an
+    ``fps_max`` of 30); the fps actually used is ``native_fps / stride``. When the video is too short for that
+    stride, the stride shrinks to the largest that fits (so short clips come out at a higher fps than drawn; the
+    returned fps is always the true one).
     Raises ``too_short_video`` when even stride 1 does not fit (fewer native frames than ``num_frames``).
     """
     if num_native < num_frames:
         raise SampleError("too_short_video", f"{num_native} frames < {num_frames}")
     target = rng.uniform(fps_min, fps_max)
     stride = max(1, round(native_fps / target))
+    lo, hi = max(1, math.ceil(native_fps / fps_max - 1e-9)), math.floor(native_fps / fps_min + 1e-9)
+    if lo <= hi:  # some stride lands in [fps_min, fps_max]
+        stride = min(max(stride, lo), hi)
     if num_frames > 1:
         stride = min(stride, (num_native - 1) // (num_frames - 1))
     span = (num_frames - 1) * stride + 1

@@ -64,6 +64,17 @@ def test_random_start_and_fps_range(index_video: bytes) -> None:
     assert fpss <= {30 / s for s in range(1, 7)} and len(fpss) >= 4  # several strides drawn, all exact
 
 
+def test_the_drawn_stride_keeps_the_fps_in_range() -> None:
+    # 40 fps native, fps in [20, 30]: rounding 40/27 alone gives stride 1 (40 fps), 40/21 gives 2 (20 fps)
+    fpss = {plan_clip(400, 40.0, 8, 20.0, 30.0, random.Random(seed)).fps for seed in range(50)}
+    assert fpss == {20.0}  # stride 2 is the only one in range
+    # 30 fps native, fps in [4, 8]: 30/4.1 rounds to 7 (4.29 fps), 30/4.0 to 8 (3.75, below fps_min)
+    fpss = {plan_clip(900, 30.0, 8, 4.0, 8.0, random.Random(seed)).fps for seed in range(200)}
+    assert fpss and all(4.0 <= f <= 8.0 for f in fpss) and len(fpss) >= 3
+    # no stride lands in range (10 fps native, [12, 30]): the nearest one, stride 1
+    assert plan_clip(100, 10.0, 8, 12.0, 30.0, random.Random(0)).fps == 10.0
+
+
 def test_short_videos_shrink_the_stride_or_are_too_short() -> None:
     plan = plan_clip(60, 30.0, 16, 1.0, 1.0, random.Random(0))  # 1 fps would need 451 frames
     assert plan.stride == 3 and plan.fps == 10.0 and plan.indices[-1] < 60  # the largest stride that fits
