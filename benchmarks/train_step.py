@@ -24,7 +24,7 @@ GEMM rate is measured between rounds. See ``benchmarks/common.py`` for the clock
     python -m benchmarks.train_step                   # 16x32x32, 3 rounds (~5 min on the shared 2-core CPU)
     python -m benchmarks.train_step --full --write    # 16x64x64 (the issue's reference), 3 rounds; RESULTS.md
     python -m benchmarks.train_step --frames 8 --size 64 --batch 2 --models ours,stu
-    python -m benchmarks.train_step --precision bf16 --write   # all models under bf16 autocast (CPUs with AMX)
+    python -m benchmarks.train_step --precision bf16 --write   # all models under bf16 autocast (CPUs with AMX / AVX512-BF16)
 """
 
 from __future__ import annotations

@@ -846,8 +846,8 @@ def evaluate(
         eval_clips: real clips / images per PSNR score and for the real motion reference; fvd_videos: real clips
             for FVD at most.
         quick: 2 sampling steps (unless ``steps``), at most 2 prompts, 2 clips per PSNR score (checks plumbing).
-        device, dtype: the pipeline's (``dtype`` "auto": bf16 on Ampere+ GPUs and CPUs with AMX; part of every
-            sample's key).
+        device, dtype: the pipeline's (``dtype`` "auto": bf16 on Ampere+ GPUs and CPUs with AMX or AVX512-BF16;
+            part of every sample's key).
 
     Returns:
         ``{"metrics": {name: {"value": float | str, "about": str}}, "videos": [{"prompt", "files": [mp4, gif],
@@ -1044,7 +1044,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fvd-videos", type=int, default=2048, help="real clips for FVD (at most)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="auto (bf16 on Ampere+ GPUs and CPUs with AMX), bf16, fp16 or fp32")
+                   help="auto (bf16 on Ampere+ GPUs and CPUs with AMX or AVX512-BF16), bf16, fp16 or fp32")
     p.add_argument("--quick", action="store_true", help="2 steps, 2 prompts (checks the plumbing only)")
     p.add_argument("--no-progress", action="store_true")
     return p

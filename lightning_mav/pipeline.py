@@ -195,8 +195,9 @@ class MakeAVideoPipeline:
     Args:
         device: default CUDA when available.
         dtype: compute dtype; ``None``/"auto" = bfloat16 autocast where the device computes it natively (an Ampere or
-            later GPU, a CPU with AMX: 1.4x faster sampling on a 2-core Xeon), float32 elsewhere. Weights stay
-            float32 (the samplers' arithmetic with them); only the networks' matmuls/convs run in ``dtype``.
+            later GPU, a CPU with AMX or AVX512-BF16: 1.4x faster sampling on a 2-core Xeon), float32 elsewhere.
+            Weights stay float32 (the samplers' arithmetic with them); only the networks' matmuls/convs run in
+            ``dtype``.
     """
 
     def __init__(self, C_x: nn.Module, P: PriorStage, D_t: DecoderStage, up_F: InterpolationStage | None = None,
@@ -417,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"SR_h frames per call (default: all on a GPU, {CPU_FRAME_BATCH} on the CPU)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="auto (bf16 on Ampere+ GPUs and CPUs with AMX), bf16, fp16 or fp32")
+                   help="auto (bf16 on Ampere+ GPUs and CPUs with AMX or AVX512-BF16), bf16, fp16 or fp32")
     p.add_argument("--no-gif", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p

@@ -27,7 +27,7 @@ def test_quick_demo_trains_the_chain_and_writes_the_report(tmp_path: Path, monke
         assert (tmp_path / "runs" / stage / "DONE").is_file(), stage
     text = report.read_text()
     assert "## Metrics" in text and "shapes/color" in text and "coherence/D_t" in text
-    precision = demo_precision()  # auto: bf16-mixed on CPUs with AMX, else 32-true
+    precision = demo_precision()  # auto: bf16-mixed on CPUs with bf16 instructions, else 32-true
     assert text.count(f"| {precision} |") == len(CHAIN)  # every stage trained in it
     assert f"Videos sampled in {'bfloat16' if precision == 'bf16-mixed' else 'float32'}." in text
     (mp4,) = (tmp_path / "runs" / "demo" / "videos").glob("*.mp4")

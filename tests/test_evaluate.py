@@ -240,7 +240,7 @@ def test_evaluate_writes_metrics_videos_and_reuses_samples(runs: Path, shapes_ro
     for video in third["videos"]:
         mp4 = Path(video["files"][0])
         assert mp4.stat().st_mtime_ns != mtimes.get(mp4)
-    # Another compute dtype is another sample too (auto: bf16 on CPUs with AMX, fp32 elsewhere).
+    # Another compute dtype is another sample too (auto: bf16 on CPUs with bf16 instructions, fp32 elsewhere).
     assert third["run"]["dtype"] == ("bfloat16" if native_bf16("cpu") else "float32")
     other = "fp32" if third["run"]["dtype"] == "bfloat16" else "bf16"
     fourth = ev.evaluate(runs, shapes_root, out, num_prompts=2, num_frames=4, quick=True, seed=1, progress=False,

@@ -119,16 +119,19 @@ def test_bf16_mixed_training_clips_the_gradients_with_fused_adamw(tmp_path, monk
     assert all(v.dtype == before[k].dtype for k, v in stage.unet.state_dict().items())  # fp32 master weights
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_auto_precision_follows_the_cpus_amx(monkeypatch, amx: bool) -> None:
+@pytest.mark.parametrize(("amx", "avx512", "native"), [(True, True, True), (False, True, True), (False, False, False)])
+def test_auto_precision_follows_the_cpus_bf16_instructions(monkeypatch, amx: bool, avx512: bool,
+                                                            native: bool) -> None:
     from lightning_mav.demo import demo_precision
     from lightning_mav.pipeline import _resolve_dtype
 
-    monkeypatch.setattr(mixed_precision.torch.cpu, "get_capabilities", lambda: {"amx_bf16": amx, "avx512_bf16": True})
+    # Sapphire Rapids (AMX + AVX512-BF16), Zen 4 (AVX512-BF16 only), a CPU without bf16 instructions (AVX2)
+    caps = {"amx_bf16": amx, "avx512_bf16": avx512, "avx2": True}
+    monkeypatch.setattr(mixed_precision.torch.cpu, "get_capabilities", lambda: caps)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert native_bf16("cpu") is amx
-    assert _resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if amx else torch.float32)
-    assert demo_precision("auto") == ("bf16-mixed" if amx else "32-true")
+    assert native_bf16("cpu") is native
+    assert _resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
+    assert demo_precision("auto") == ("bf16-mixed" if native else "32-true")
     assert demo_precision("32-true") == "32-true" and _resolve_dtype("fp32", torch.device("cpu")) == torch.float32
 
 

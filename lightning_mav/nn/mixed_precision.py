@@ -1,9 +1,9 @@
 """What bf16 autocast runs in float32 instead, and why: two CPU kernels that are slower in bf16 than in fp32.
 
-On a CPU with AMX (Intel Sapphire Rapids and later) ``bf16-mixed`` makes convolutions and matmuls 3-4x faster
-(2-core Xeon: 3x3 conv 140 -> 600 GFLOP/s), but in torch 2.14 two CPU kernels go the other way: the flash-attention
-*backward* in bf16 is ~12x slower than in fp32 (1.3 -> 15 ms a call in D's step) and bf16 GroupNorm's backward ~3x
-(0.55 -> 1.6 ms). With both in bf16 a D step gained 1.04-1.14x; with both in fp32, 1.28-1.55x (``README``, "Speed and
+On a CPU with bf16 instructions ``bf16-mixed`` makes convolutions and matmuls 2-4x faster (2 cores: 3x3 conv 140 ->
+600 GFLOP/s on a Xeon with AMX, 2048² GEMM 140 -> 377 GFLOP/s on an AMD EPYC with AVX512-BF16), but in torch 2.14 two
+CPU kernels go the other way: on the Xeon the flash-attention *backward* in bf16 is ~12x slower than in fp32 (1.3 ->
+15 ms a call in D's step) and bf16 GroupNorm's backward ~3x (0.55 -> 1.6 ms). With both in bf16 a D step gained 1.04-1.14x; with both in fp32, 1.28-1.55x (``README``, "Speed and
 memory"). GroupNorm in fp32 is also ADM's ``GroupNorm32`` (statistics over many values want fp32); on CUDA autocast
 already runs group_norm in fp32 and attention keeps its bf16 flash kernels, so only the CPU path changes there.
 
