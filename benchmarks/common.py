@@ -32,6 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_mav.malloc import keep_freed_memory
+from lightning_mav.nn.mixed_precision import cpu_bf16_isa
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
@@ -120,7 +121,7 @@ def peak_allocated_mib(fn: Callable[[], Any]) -> float:
 
 # ------------------------------------------------------------------------------------------------- machine
 def machine() -> dict[str, Any]:
-    """CPU model, core count, load average, versions: what RESULTS.md states about the run."""
+    """CPU model, core count, bf16 instructions, load average, versions: what RESULTS.md states about the run."""
     model = platform.processor() or "?"
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
@@ -129,7 +130,7 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return {"cpu": model, "cores": os.cpu_count(), "load": tuple(round(x, 2) for x in load),
+    return {"cpu": model, "cores": os.cpu_count(), "bf16_isa": cpu_bf16_isa(), "load": tuple(round(x, 2) for x in load),
             "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d %H:%M")}
 
@@ -178,14 +179,18 @@ def fmt(x: float, digits: int = 2) -> str:
     return f"{x:.{digits}f}"
 
 
-def write_section(title: str, body: str, path: Path = RESULTS) -> None:
-    """Replace the ``## title`` section of RESULTS.md (up to the next ``## `` heading) or append it; every other
-    section is kept as it is."""
+def write_section(title: str, body: str, path: Path = RESULTS, after: str | None = None) -> None:
+    """Replace the ``## title`` section of RESULTS.md (up to the next ``## `` heading), or add it: after the last
+    section whose heading starts with ``after`` when there is one, else at the end. Every other section is kept."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     block = f"{title}\n\n{body.strip()}\n"
     pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.M | re.S)
+    siblings = list(re.finditer(rf"^{re.escape(after)}.*?(?=^## |\Z)", text, re.M | re.S)) if after else []
     if pattern.search(text):
         text = pattern.sub(lambda _: block + "\n", text, count=1)
+    elif siblings:
+        end = siblings[-1].end()
+        text = text[:end].rstrip("\n") + "\n\n" + block + "\n" + text[end:]
     else:
         text = text.rstrip("\n") + "\n\n" + block
     path.write_text(text.rstrip("\n") + "\n")

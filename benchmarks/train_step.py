@@ -24,7 +24,7 @@ GEMM rate is measured between rounds. See ``benchmarks/common.py`` for the clock
     python -m benchmarks.train_step                   # 16x32x32, 3 rounds (~5 min on the shared 2-core CPU)
     python -m benchmarks.train_step --full --write    # 16x64x64 (the issue's reference), 3 rounds; RESULTS.md
     python -m benchmarks.train_step --frames 8 --size 64 --batch 2 --models ours,stu
-    python -m benchmarks.train_step --precision bf16 --write   # all models under bf16 autocast (CPUs with AMX / AVX512-BF16)
+    python -m benchmarks.train_step --precision bf16 --write   # all models under bf16 autocast (AMX / AVX512-BF16)
 """
 
 from __future__ import annotations
@@ -73,9 +73,12 @@ LABELS = {"ours": "ours (D_t)", "ours-ckpt": "ours + checkpointing", "ours-compi
           "unet3d": "UNet3DConditionModel"}
 
 
-def section(precision: str) -> str:
-    """The RESULTS.md heading of a run: the fp32 table and the bf16-autocast one are separate sections."""
-    return SECTION if precision == "fp32" else f"{SECTION}, bf16 autocast"
+def section(precision: str, bf16_isa: str | None = None) -> str:
+    """The RESULTS.md heading of a run: the fp32 table and one bf16-autocast table per kind of bf16 instructions
+    (AMX and AVX512-BF16 differ 2-4x in bf16 GEMM rate, so neither's table stands for the other's)."""
+    if precision == "fp32":
+        return SECTION
+    return f"{SECTION}, bf16 autocast" + (f" ({bf16_isa})" if bf16_isa else "")
 
 
 @dataclass
@@ -610,21 +613,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         why = [BF16_NOTE]
     if why:
         body += "\n\nWhy:\n\n" + "\n".join(why)
-    print("\n" + section(precision) + "\n\n" + body, flush=True)
+    title = section(precision, res["machine"].get("bf16_isa"))
+    print("\n" + title + "\n\n" + body, flush=True)
     save_json(args.json, res)
     if args.write:
-        write_section(section(precision), body)
+        write_section(title, body, after=SECTION)
     return res
 
 
 #: the bf16 section's note (what differs from the fp32 table)
 BF16_NOTE = ("- **bf16 autocast.** Every model's forward and loss run under `torch.autocast('cpu', torch.bfloat16)`, "
-             "as Lightning's `bf16-mixed` runs them (the fp32 table above is the issue's reference; this one is what "
-             "a CPU with AMX runs with `--trainer.precision bf16-mixed`). *% of GEMM* is against the bf16 matmul "
-             "rate of AMX, which a 2048² GEMM reaches and the U-Nets' convolutions, at these widths and with the "
-             "casts and fp32 elementwise work around them, are far from. Our U-Net computes attention and GroupNorm "
-             "in fp32 even then (`lightning_mav/nn/mixed_precision.py`): torch's CPU kernels for their bf16 backward "
-             "are 12x and 3x slower than fp32's. The peers run as their code runs under autocast.")
+             "as Lightning's `bf16-mixed` runs them (the fp32 table is the issue's reference; this one is what a CPU "
+             "with the bf16 instructions of the heading runs with `--trainer.precision bf16-mixed`). *% of GEMM* is "
+             "against the bf16 matmul rate of those instructions, measured in the same run. Our U-Net computes "
+             "attention and GroupNorm in fp32 even then (`lightning_mav/nn/mixed_precision.py`): torch's CPU kernel "
+             "for the attention's bf16 backward is 12x slower than fp32's on a Xeon with AMX, 4x on an EPYC with "
+             "AVX512-BF16. The peers run as their code runs under autocast.")
 
 
 #: what was seen when --compile was tried on the matched U-Net (2026-11-25, this 2-core CPU)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_mav.nn import mixed_precision
-from lightning_mav.nn.mixed_precision import CPUAttentionFP32, GroupNorm32, attention, native_bf16
+from lightning_mav.nn.mixed_precision import CPUAttentionFP32, GroupNorm32, attention, cpu_bf16_isa, native_bf16
 from lightning_mav.nn.unet import UNet
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
@@ -130,6 +130,7 @@ def test_auto_precision_follows_the_cpus_bf16_instructions(monkeypatch, amx: boo
     monkeypatch.setattr(mixed_precision.torch.cpu, "get_capabilities", lambda: caps)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert native_bf16("cpu") is native
+    assert cpu_bf16_isa() == ("AMX-BF16" if amx else "AVX512-BF16" if avx512 else None)
     assert _resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
     assert demo_precision("auto") == ("bf16-mixed" if native else "32-true")
     assert demo_precision("32-true") == "32-true" and _resolve_dtype("fp32", torch.device("cpu")) == torch.float32

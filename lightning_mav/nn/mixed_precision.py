@@ -3,11 +3,14 @@
 On a CPU with bf16 instructions ``bf16-mixed`` makes convolutions and matmuls 2-4x faster (2 cores: 3x3 conv 140 ->
 600 GFLOP/s on a Xeon with AMX, 2048² GEMM 140 -> 377 GFLOP/s on an AMD EPYC with AVX512-BF16), but in torch 2.14 two
 CPU kernels go the other way: on the Xeon the flash-attention *backward* in bf16 is ~12x slower than in fp32 (1.3 ->
-15 ms a call in D's step) and bf16 GroupNorm's backward ~3x (0.55 -> 1.6 ms). With both in bf16 a D step gained 1.04-1.14x; with both in fp32, 1.28-1.55x (``README``, "Speed and
-memory"). GroupNorm in fp32 is also ADM's ``GroupNorm32`` (statistics over many values want fp32); on CUDA autocast
+15 ms a call in D's step) and bf16 GroupNorm's backward ~3x (0.55 -> 1.6 ms). With both in bf16 a D step gained
+1.04-1.14x; with both in fp32, 1.28-1.55x (``README``, "Speed and memory"). On the EPYC the attention's bf16 backward
+is 4x slower; its bf16 GroupNorm is faster as a kernel, but whole steps with it were not (D 0.95x, D_t 1.08x, SR_l
+0.93x). GroupNorm in fp32 is also ADM's ``GroupNorm32`` (statistics over many values want fp32); on CUDA autocast
 already runs group_norm in fp32 and attention keeps its bf16 flash kernels, so only the CPU path changes there.
 
-- :func:`native_bf16`: whether a device computes bf16 natively, the choice of ``auto`` precision (demo, pipeline).
+- :func:`native_bf16`: whether a device computes bf16 natively, the choice of ``auto`` precision (demo, pipeline);
+  :func:`cpu_bf16_isa` names the CPU's bf16 instructions.
 - :func:`attention`: ``scaled_dot_product_attention`` for our own layers, fp32 under CPU autocast.
 - :class:`GroupNorm32`: GroupNorm computed in fp32 under any autocast, returned in the input's dtype.
 - :class:`CPUAttentionFP32`: a function mode for attention we do not own (open_clip's ``nn.MultiheadAttention``),
@@ -23,6 +26,14 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 
+def cpu_bf16_isa() -> str | None:
+    """This CPU's bf16 matmul instructions: ``"AMX-BF16"`` (tile units, Intel Sapphire Rapids on), ``"AVX512-BF16"``
+    (dot products in vector registers: AMD Zen 4 on, Intel Cooper Lake), or ``None``. AMX is the faster: a 2048² GEMM
+    ran 3x fp32's rate on a 2-core Xeon with AMX, 2.7x on a 2-core EPYC with AVX512-BF16 alone."""
+    caps = getattr(torch.cpu, "get_capabilities", dict)()
+    return "AMX-BF16" if caps.get("amx_bf16") else "AVX512-BF16" if caps.get("avx512_bf16") else None
+
+
 def native_bf16(device: torch.device | str) -> bool:
     """Whether ``device`` runs bf16 matmuls/convs natively: a CUDA GPU of compute capability 8.0 or later (Ampere
     on; V100 and T4 only emulate bf16), or a CPU with AMX-BF16 (Intel Sapphire Rapids on) or AVX512-BF16 (AMD Zen 4
@@ -35,8 +46,7 @@ def native_bf16(device: torch.device | str) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
-        caps = getattr(torch.cpu, "get_capabilities", dict)()
-        return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+        return cpu_bf16_isa() is not None
     return False
 
 
