@@ -63,6 +63,7 @@ from lightning_mav.metrics import (
 )
 from lightning_mav.pipeline import (
     CHAIN,
+    DTYPE_HELP,
     DTYPES,
     STAGES,
     MakeAVideoPipeline,
@@ -1044,7 +1045,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fvd-videos", type=int, default=2048, help="real clips for FVD (at most)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="auto (bf16 on Ampere+ GPUs and CPUs with AMX or AVX512-BF16), bf16, fp16 or fp32")
+                   help=DTYPE_HELP)
     p.add_argument("--quick", action="store_true", help="2 steps, 2 prompts (checks the plumbing only)")
     p.add_argument("--no-progress", action="store_true")
     return p

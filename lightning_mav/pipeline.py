@@ -172,6 +172,7 @@ def load_stage(cls: type[StageBase], path: str | Path, *, stage: str, clip_ckpt:
 _DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
                 "fp32": torch.float32, "float32": torch.float32}
 DTYPES = ("auto", *_DTYPE_NAMES)  # what --dtype accepts
+DTYPE_HELP = "auto (bf16 on Ampere+ GPUs and CPUs with AMX or AVX512-BF16), bf16, fp16 or fp32"
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
@@ -418,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"SR_h frames per call (default: all on a GPU, {CPU_FRAME_BATCH} on the CPU)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="auto (bf16 on Ampere+ GPUs and CPUs with AMX or AVX512-BF16), bf16, fp16 or fp32")
+                   help=DTYPE_HELP)
     p.add_argument("--no-gif", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
