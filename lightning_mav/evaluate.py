@@ -1044,8 +1044,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="real clips / images per PSNR score and for the real motion reference")
     p.add_argument("--fvd-videos", type=int, default=2048, help="real clips for FVD (at most)")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help=DTYPE_HELP)
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     p.add_argument("--quick", action="store_true", help="2 steps, 2 prompts (checks the plumbing only)")
     p.add_argument("--no-progress", action="store_true")
     return p

@@ -418,8 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-batch", type=int, default=None,
                    help=f"SR_h frames per call (default: all on a GPU, {CPU_FRAME_BATCH} on the CPU)")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help=DTYPE_HELP)
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     p.add_argument("--no-gif", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
