@@ -117,8 +117,11 @@ def test_pipeline_stages_attributes_stop_after_and_seed(runs: Path, capsys: pyte
     assert video.shape == (2, 10, 3, 16, 16) and pipe.last_fps == 18.0  # ↑F x3, SR_t x2, no SR_h
 
 
-def test_sr_h_starts_every_frame_from_the_same_noise(runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])  # the deterministic ones; the demo's sr_h.yaml: dpm++
+def test_sr_h_starts_every_frame_from_the_same_noise(runs: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     sampler: str) -> None:
     pipe = load(runs, interpolation=None, sr_t=None)  # D_t's 8 px frames straight into SR_h (x2)
+    pipe.SR_h.sampler = sampler
     calls: list[dict] = []
     sample = SuperResStage.sample
 
@@ -135,7 +138,7 @@ def test_sr_h_starts_every_frame_from_the_same_noise(runs: Path, monkeypatch: py
     for x in (noise, lowres_noise):
         assert torch.equal(x, x[:, :1].expand_as(x))  # identical for every frame of a video ...
         assert not torch.allclose(x[0, 0], x[1, 0])  # ... and not across videos
-    assert all(c["sampler"] == "ddim" for c in calls)  # deterministic: that noise is the only randomness
+    assert all(c["sampler"] == sampler for c in calls)  # deterministic: that noise is the only randomness
     lowres = torch.cat([c["lowres"] for c in calls]).view(2, 4, 3, 8, 8)
     assert not torch.equal(lowres[:, 0], lowres[:, 1])  # the frames themselves differ
 
@@ -146,6 +149,14 @@ def test_sr_h_starts_every_frame_from_the_same_noise(runs: Path, monkeypatch: py
     whole = pipe(["a blue square", "a red circle"], num_frames=4, steps=2, seed=0, frame_batch=8, progress=False)
     torch.testing.assert_close(default, whole, rtol=0, atol=1e-5)
     torch.testing.assert_close(default, frames, rtol=0, atol=1e-5)
+
+    # so equal low-res frames come out equal, and differing ones differ
+    still = torch.rand(1, 3, 1, 8, 8).repeat(1, 1, 3, 1, 1) * 2 - 1
+    still[:, :, 2] = -still[:, :, 2]
+    up = pipe.super_resolve_frames(still, steps=2, seed=0)
+    assert up.shape == (1, 3, 3, 16, 16)
+    torch.testing.assert_close(up[:, :, 0], up[:, :, 1], rtol=0, atol=1e-5)
+    assert (up[:, :, 0] - up[:, :, 2]).abs().max() > 0.1
 
 
 def test_wrong_or_missing_checkpoints_are_one_line_errors(runs: Path, tmp_path: Path,
