@@ -264,6 +264,41 @@ def test_dt_from_d_equals_d_per_frame_and_freezes_spatial(clip_ckpt: str, d_ckpt
     assert moved and moved <= set(names)
 
 
+def test_per_frame_below_finishes_dt_videos_frame_by_frame(clip_ckpt: str, d_ckpt: str) -> None:
+    d = DecoderStage.load_from_checkpoint(d_ckpt).eval()
+    dt = DecoderStage(unet=VIDEO_UNET, clip_ckpt=clip_ckpt, init_from=d_ckpt, **FAST).eval()
+    with torch.no_grad():  # trained-looking temporal layers: D_t is no longer D per frame
+        for n, p in dt.unet.named_parameters():
+            if is_temporal_name(n):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.2)
+    embed = d.embed(images(2))
+    noise = torch.randn(2, 3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    fps = torch.tensor([2.0, 30.0])
+
+    def sample(below: float, record: list | None = None) -> torch.Tensor:
+        dt.per_frame_below = below
+        forward = dt.unet.forward
+        if record is not None:  # which steps ran the temporal layers (one batched guided call per step)
+            dt.unet.forward = lambda *a, **k: record.append(k["time"]) or forward(*a, **k)
+        try:
+            return dt.sample(embed, num_frames=3, fps=fps, steps=3, guidance_scale=2.0, noise=noise)
+        finally:
+            dt.unet.forward = forward
+
+    per_frame = d.sample(embed.repeat_interleave(3, 0), steps=3, guidance_scale=2.0,
+                         noise=noise.transpose(1, 2).reshape(6, 3, 8, 8)).view(2, 3, 3, 8, 8).transpose(1, 2)
+    # 3 trailing steps at t = 999, 666, 333: below 0.5 only the last runs frame by frame, below 1 all of them
+    calls: list = []
+    mixed = sample(0.5, calls)
+    assert calls == [True, True, False]
+    torch.testing.assert_close(sample(1.0), per_frame, atol=1e-5, rtol=0)
+    video = sample(0.0)
+    assert (video - per_frame).abs().max() > 1e-2 and (mixed - video).abs().max() > 1e-3
+    assert (mixed - per_frame).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="per_frame_below must be a fraction of the noise schedule"):
+        DecoderStage(unet=UNET, clip_ckpt=clip_ckpt, per_frame_below=1.5, **FAST)
+
+
 def test_dt_inherits_the_architecture_and_its_checkpoint_is_self_contained(
         clip_ckpt: str, d_ckpt: str, tmp_path: Path) -> None:
     parent = tmp_path / "parent.ckpt"

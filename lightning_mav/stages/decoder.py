@@ -14,6 +14,7 @@ Batches
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -47,6 +48,10 @@ class DecoderStage(StageBase):
             from the saved hyperparameters once loaded (see :meth:`StageBase.init_network`).
         freeze_spatial: train only the new (temporal, fps) parameters.
         sample_steps, sampler, guidance_scale: defaults of :meth:`sample` and of the media samples.
+        per_frame_below: D_t's videos: below this fraction of the noise schedule (timestep ``t < per_frame_below *
+            T``) the sampler denoises every frame on its own, temporal layers and fps off, so that the temporal
+            layers lay out a coherent video and D's spatial layers finish each frame. 0 (the paper): never. For
+            a briefly trained D_t, whose temporal convolutions blur the shapes D draws (README, "Choices").
         lr, weight_decay, betas, warmup_steps, lr_schedule, media_batch_size, media_seed: see :class:`StageBase`.
     """
 
@@ -64,6 +69,7 @@ class DecoderStage(StageBase):
         sample_steps: int = 50,
         sampler: Literal["ddim", "ddpm", "dpm++"] = "ddim",
         guidance_scale: float = 3.0,
+        per_frame_below: float = 0.0,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.99),
@@ -77,6 +83,8 @@ class DecoderStage(StageBase):
                          lr_schedule=lr_schedule, media_batch_size=media_batch_size, media_seed=media_seed,
                          nonfinite=nonfinite)
         self.save_hyperparameters()
+        if not 0.0 <= per_frame_below <= 1.0:
+            raise ValueError(f"per_frame_below must be a fraction of the noise schedule in [0, 1], got {per_frame_below}")
         if cond_frame not in ("middle", "first", "random"):
             raise ValueError(f"cond_frame must be 'middle', 'first' or 'random', got {cond_frame!r}")
         clip = self.load_clip(clip_ckpt)
@@ -93,7 +101,7 @@ class DecoderStage(StageBase):
         self.diffusion = Diffusion(**resolve_pixel_diffusion(configs["diffusion"]))
         self.image_size, self.cond_frame, self.cond_drop_prob = image_size, cond_frame, cond_drop_prob
         self.joint_image_prob, self.sample_steps = joint_image_prob, sample_steps
-        self.sampler, self.guidance_scale = sampler, guidance_scale
+        self.sampler, self.guidance_scale, self.per_frame_below = sampler, guidance_scale, per_frame_below
         self.init_network(self.unet, init_from)
         if freeze_spatial:
             self.freeze_except_new(self.unet)
@@ -198,8 +206,12 @@ class DecoderStage(StageBase):
         else:
             fps = None
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        model = self.model_fn(image_embed, fps=fps)
+        if num_frames is not None and self.per_frame_below > 0:
+            model = _switch_below(self.per_frame_below * self.diffusion.timesteps,
+                                  self.model_fn(image_embed, time=False), model)
         return self.diffusion.sample(
-            self.model_fn(image_embed, fps=fps), shape, steps=steps or self.sample_steps,
+            model, shape, steps=steps or self.sample_steps,
             sampler=sampler or self.sampler, guidance_scale=scale if self.conditional else 1.0,
             generator=generator, noise=noise, progress=progress, device=self.device,
         )
@@ -221,3 +233,10 @@ class DecoderStage(StageBase):
         samples = self.sample(self.embed(image, batch), batch_size=image.shape[0], image_size=image.shape[-1],
                               generator=self.media_generator())
         return {"samples": samples, "reference": image}
+
+
+def _switch_below(t_switch: float, low: Callable[..., Tensor], high: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """The model function that calls ``low`` at timesteps ``t < t_switch`` and ``high`` at the others."""
+    def fn(x_t: Tensor, t: Tensor, drop_cond: bool | Tensor | None = None) -> Tensor:
+        return (low if bool((t < t_switch).all()) else high)(x_t, t, drop_cond)
+    return fn
