@@ -84,7 +84,8 @@ class DecoderStage(StageBase):
                          nonfinite=nonfinite)
         self.save_hyperparameters()
         if not 0.0 <= per_frame_below <= 1.0:
-            raise ValueError(f"per_frame_below must be a fraction of the noise schedule in [0, 1], got {per_frame_below}")
+            raise ValueError(f"per_frame_below must be a fraction of the noise schedule in [0, 1], "
+                             f"got {per_frame_below}")
         if cond_frame not in ("middle", "first", "random"):
             raise ValueError(f"cond_frame must be 'middle', 'first' or 'random', got {cond_frame!r}")
         clip = self.load_clip(clip_ckpt)
