@@ -118,7 +118,11 @@ def stage_progress(network: nn.Module, desc: str, total: int, enabled: bool = Tr
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
-    handle = network.register_forward_hook(lambda *_: bar.update(1))
+
+    def tick(*_: Any) -> None:  # returns None: whatever a forward hook returns replaces the module's output, and
+        bar.update(1)           # tqdm's update returns True whenever it redraws the bar
+
+    handle = network.register_forward_hook(tick)
     try:
         yield
     finally:

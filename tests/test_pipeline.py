@@ -21,6 +21,7 @@ from lightning_mav.pipeline import (
     parse_per_stage,
     per_stage,
     stage_name,
+    stage_progress,
     stop_index,
     train_command,
 )
@@ -98,6 +99,25 @@ def test_generate_writes_a_76_frame_mp4_and_gif(runs: Path, tmp_path: Path, caps
     assert fps == pytest.approx(30.0)  # D_t's 6 fps times ↑F's factor 5
     with Image.open(out.with_suffix(".gif")) as gif:
         assert gif.n_frames == 76 and gif.size == (32, 32)
+
+
+def test_stage_progress_ticks_without_touching_the_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tqdm.auto
+
+    ticks = []
+
+    def update(self, n: int = 1) -> bool:  # tqdm's update returns True whenever it redraws the bar
+        ticks.append(n)
+        return True
+
+    monkeypatch.setattr(tqdm.auto.tqdm, "update", update)
+    net, x = torch.nn.Linear(3, 2), torch.randn(4, 3)
+    with stage_progress(net, "D_t", total=3):
+        outs = [net(x) for _ in range(3)]
+    assert ticks == [1, 1, 1]
+    assert all(torch.equal(o, net(x)) for o in outs)  # the tensors, never the bar's return value
+    net(x)
+    assert len(ticks) == 3  # the hook is gone after the stage
 
 
 def test_pipeline_stages_attributes_stop_after_and_seed(runs: Path, capsys: pytest.CaptureFixture) -> None:
