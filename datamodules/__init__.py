@@ -3,7 +3,7 @@
 - ``TextImageDataModule`` / ``VideoDataModule``: the two DataModules (``text_image.py``, ``video.py``).
 - ``shards``: URLs, splitting across ranks and workers, skip counting (``SkipTally``), the shared base.
 - ``decode``: PyAV clip sampling and PIL image decoding.
-- ``shapes``: the built-in Moving Shapes dataset (``python -m datamodules.shapes --out DIR``).
+- ``shapes``: the built-in Moving Shapes dataset (``mav data --out DIR``).
 
 The names below are imported lazily, so ``from datamodules.shapes import render_frame`` (metrics, CLI) does not
 pay for importing Lightning.

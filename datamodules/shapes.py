@@ -22,7 +22,6 @@ DataModules read, so the same code path serves the toy data and production data:
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -350,30 +349,3 @@ def generate(out: str | Path = DEFAULT_ROOT, *, num_images: int = 4096, num_vide
 def is_complete(root: str | Path) -> bool:
     """True when ``root`` holds a fully written dataset (its ``DONE`` marker exists)."""
     return (Path(root) / "DONE").is_file()
-
-
-def main(argv: Sequence[str] | None = None) -> Path:
-    """CLI: ``python -m datamodules.shapes --out DIR [--small] [--num-images N ...]``."""
-    parser = argparse.ArgumentParser(prog="python -m datamodules.shapes", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_ROOT)
-    parser.add_argument("--small", action="store_true", help="a tiny dataset (32 px, a few seconds to write)")
-    parser.add_argument("--num-images", type=int, default=4096)
-    parser.add_argument("--num-videos", type=int, default=256)
-    parser.add_argument("--num-val-images", type=int, default=256)
-    parser.add_argument("--num-val-videos", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--video-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    sizes = dict(num_images=args.num_images, num_videos=args.num_videos, num_val_images=args.num_val_images,
-                 num_val_videos=args.num_val_videos, image_size=args.image_size, video_size=args.video_size)
-    if args.small:
-        sizes = dict(num_images=64, num_videos=16, num_val_images=16, num_val_videos=8, image_size=32,
-                     video_size=32)
-    root = generate(args.out, seed=args.seed, **sizes)
-    print(f"wrote Moving Shapes to {root}")
-    return root
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,5 @@
 """``python -m lightning_mav …`` is the ``mav`` command."""
 
-from lightning_mav.cli import main
+from lightning_mav.commands import main
 
 main()

@@ -1,4 +1,4 @@
-"""``mav demo``: the whole Make-A-Video chain on the built-in Moving Shapes data, end to end, on a CPU.
+"""The demo (``mav demo``): the whole Make-A-Video chain on the built-in Moving Shapes data, end to end, on a CPU.
 
 data → C_x → P → D → SR_l → SR_h → D_t → ↑F → SR_t → videos for the held-out prompts → metrics →
 ``runs/demo/report.md`` (metrics table, a contact sheet per prompt, mp4 and gif files).
@@ -10,30 +10,17 @@ stage leaves ``runs/<stage>/DONE`` and is skipped when the demo runs again, unle
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from lightning_mav.cli import EXPERIMENTS, MAVCLI
+from lightning_mav.networks import NETWORKS
 from lightning_mav.nn.mixed_precision import native_bf16
-
-# (run folder, paper name, what it learns) in the order the chain needs them.
-CHAIN: tuple[tuple[str, str, str], ...] = (
-    ("clip", "C_x", "CLIP text/image encoder on captioned images"),
-    ("prior", "P", "text embedding -> image embedding"),
-    ("decoder", "D", "image embedding -> image"),
-    ("sr_l", "SR_l", "image super-resolution x2"),
-    ("sr_h", "SR_h", "per-frame super-resolution x2 (crops)"),
-    ("dt", "D_t", "D + temporal layers on unlabeled video"),
-    ("interp", "↑F", "masked frame interpolation"),
-    ("sr_t", "SR_t", "SR_l + temporal layers on video"),
-)
+from lightning_mav.trainer_cli import EXPERIMENTS, MAVCLI
 
 
 def _elapsed(seconds: float) -> str:
@@ -60,9 +47,7 @@ def train_stage(stage: str, *, data: Path, runs: Path, max_steps: int | None = N
         interval = max(1, max_steps // 2)
         args += ["--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", str(interval)]
     start = time.time()
-    with warnings.catch_warnings():  # the args are ours, not the command line's (`mav demo`), as LightningCLI fears
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = MAVCLI(args=[*args, *extra])
+    cli = MAVCLI(args=[*args, *extra])
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
     last = runs / stage / "checkpoints" / "last.ckpt"
     if not last.is_file():
@@ -87,12 +72,12 @@ def run_demo(*, data: Path = Path("data/shapes"), runs: Path = Path("runs"), for
     if force or not shapes.is_complete(data):
         print(f"[data] writing Moving Shapes to {data} ...", flush=True)
         shapes.generate(data, **(_QUICK_DATA if quick else {}))
-    chain = [c for c in CHAIN if stages is None or c[0] in stages]
+    chain = [n for n in NETWORKS if stages is None or n.run in stages]
     chosen, precision = precision, demo_precision(precision)
     print(f"[precision] {precision}" + (" (auto: bf16 is native here; --precision 32-true for fp32)"
                                         if chosen == "auto" and precision != "32-true" else ""), flush=True)
     records = []
-    for i, (stage, paper, what) in enumerate(chain, 1):
+    for i, (stage, paper, what) in enumerate(((n.run, n.paper, n.what) for n in chain), 1):
         done = runs / stage / "DONE"
         if done.is_file() and not force:
             record = json.loads(done.read_text())
@@ -109,14 +94,14 @@ def run_demo(*, data: Path = Path("data/shapes"), runs: Path = Path("runs"), for
                   flush=True)
         records.append(record)
 
-    from lightning_mav.evaluate import evaluate
+    from lightning_mav.evaluation import EvalOptions, evaluate
 
     print("[eval] generating videos for the held-out prompts and scoring them ...", flush=True)
     out = runs / "demo"
     # few sampling steps after D_t: ↑F, SR_t and SR_h run on 76 frames, which dominates a CPU's evaluation time
-    result = evaluate(runs=runs, data=data, out=out, num_prompts=num_prompts, quick=quick,
-                      steps=None if quick else {"P": 16, "D_t": 20, "*": 8}, eval_clips=8,
-                      dtype="bf16" if precision.startswith("bf16") else "fp32")
+    result = evaluate(EvalOptions(runs=str(runs), data=str(data), out=str(out), num_prompts=num_prompts, quick=quick,
+                                  steps=None if quick else {"P": 16, "D_t": 20, "*": 8}, eval_clips=8,
+                                  dtype="bf16" if precision.startswith("bf16") else "fp32"))
     report = write_report(out, records, result, seconds=time.time() - t0)
     print(f"[done] {report} ({_elapsed(time.time() - t0)})", flush=True)
     return report
@@ -132,7 +117,7 @@ def write_report(out: Path, records: list[dict], result: dict, *, seconds: float
              f"The whole chain, trained and evaluated on this machine in {_elapsed(seconds)} "
              "(stages trained earlier and skipped count as 0).", "", "## Stages", "",
              "| stage | paper | steps | time | precision | val/loss |", "|---|---|---:|---:|---|---:|"]
-    names = {s: p for s, p, _ in CHAIN}
+    names = {n.run: n.paper for n in NETWORKS}
     for r in records:
         loss = r["metrics"].get("val/loss")
         lines.append(f"| {r['stage']} | {names.get(r['stage'], '')} | {r['steps']} | {_elapsed(r['seconds'])} | "
@@ -151,22 +136,3 @@ def write_report(out: Path, records: list[dict], result: dict, *, seconds: float
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def main(argv: Sequence[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="mav demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("data/shapes"), help="Moving Shapes root")
-    parser.add_argument("--force", action="store_true", help="retrain finished stages and regenerate the data")
-    parser.add_argument("--quick", action="store_true", help="a few steps per stage (checks the plumbing only)")
-    parser.add_argument("--prompts", type=int, default=4, help="held-out prompts to generate videos for")
-    parser.add_argument("--stages", nargs="*", default=None, help="train only these stages")
-    parser.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed"],
-                        help="the stages' trainer.precision (auto: bf16-mixed on Ampere+ GPUs and CPUs with AMX or "
-                             "AVX512-BF16)")
-    args = parser.parse_args(argv)
-    return run_demo(data=args.data, force=args.force, quick=args.quick, num_prompts=args.prompts,
-                    stages=args.stages, precision=args.precision)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""MakeAVideoPipeline: text -> video, ``ŷ_t = SR_h ∘ SR_t ∘ ↑F ∘ D_t ∘ P(x̂, C_x(x))``, and ``mav generate``.
+"""MakeAVideoPipeline: text -> video, ``ŷ_t = SR_h ∘ SR_t ∘ ↑F ∘ D_t ∘ P(x̂, C_x(x))`` (the library of ``mav generate``).
 
     prompts ──C_x, x̂──> P ──y_e [B,D]──> D_t ──[B,3,16,h,h]──> ↑F ──[B,3,76,h,h]──> SR_t ──[B,3,76,m,m]──> SR_h
                                                                                         (per frame, same noise)
@@ -15,12 +15,10 @@ expands it over the frames, the low-resolution augmentation noise likewise, and 
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
-import inspect
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from torch import Tensor, nn
 
 from lightning_mav.checkpoints import CheckpointError, load_checkpoint
 from lightning_mav.media import write_gif, write_mp4
+from lightning_mav.networks import SAMPLED, stage_name, train_command
 from lightning_mav.nn.mixed_precision import native_bf16
 from lightning_mav.stages.base import StageBase
 from lightning_mav.stages.decoder import DecoderStage
@@ -38,51 +37,43 @@ from lightning_mav.stages.interpolation import InterpolationStage
 from lightning_mav.stages.prior import PriorStage
 from lightning_mav.stages.superres import SuperResStage
 
-#: the sampled networks, in the order of the chain (C_x is a frozen encoder, not sampled)
-STAGES: tuple[str, ...] = ("P", "D_t", "up_F", "SR_t", "SR_h")
-#: experiment / run-folder name of each network: ``runs/<name>/``, ``experiments/<name>.yaml``; D and SR_l are no
-#: links of the chain (D_t and SR_t are inflated from them) but ``mav evaluate`` scores them, and its options name them
-RUN_NAMES: dict[str, str] = {"clip": "clip", "P": "prior", "D": "decoder", "D_t": "dt", "up_F": "interp",
-                             "SR_t": "sr_t", "SR_h": "sr_h", "SR_l": "sr_l"}
-#: the checkpoints ``mav generate`` loads: C_x and the sampled networks
-CHAIN: tuple[str, ...] = ("clip", *STAGES)
-_ALIASES: dict[str, str] = {**{v: k for k, v in RUN_NAMES.items()}, **{s.lower(): s for s in STAGES}, "↑f": "up_F",
-                            "d_t": "D_t", "interpolation": "up_F"}
 PerStage = int | float | dict[str, int | float] | None
-#: SR_h frames per network call on the CPU. The demo's 76 frames (128 px, dim 16, 2 cores) took 5.2 s per sampling
-#: step at once and 2.6 s 4 at a time with glibc's default allocator (an 80 MB activation is mmapped afresh each
-#: time); with the heap allocator the commands set (lightning_mav.malloc) 3.3 s either way. GPUs take all at once.
+#: SR_h frames per network call on the CPU: with the heap allocator the commands set (lightning_mav.malloc) 4 frames
+#: per call is as fast as all 76 at once and bounds memory (docs/choices.md#allocator-mav_malloc). GPUs take all.
 CPU_FRAME_BATCH = 4
 
 
-def stage_name(name: str) -> str:
-    """Canonical stage name (``"D_t"``) of a paper or run-folder name (``"dt"``, ``"interp"``, ``"↑F"``, ...)."""
-    canonical = name if name in RUN_NAMES else _ALIASES.get(name.lower())
-    if canonical is None:
-        raise ValueError(f"unknown stage {name!r}: use one of {', '.join(RUN_NAMES)} "
-                         f"(or {', '.join(RUN_NAMES.values())})")
-    return canonical
-
-
 def stop_index(stop_after: str | None) -> int:
-    """Index in ``STAGES`` of the last stage a run with ``stop_after`` samples (all of them for None)."""
+    """Index in ``SAMPLED`` of the last network a run with ``stop_after`` samples (all of them for None)."""
     if stop_after is None:
-        return len(STAGES) - 1
+        return len(SAMPLED) - 1
     stage = stage_name(stop_after)
-    if stage not in STAGES[STAGES.index("D_t"):]:
-        raise ValueError(f"stop_after {stop_after!r}: must be one of {', '.join(STAGES[1:])} (P alone makes "
+    if stage not in SAMPLED[SAMPLED.index("D_t"):]:
+        raise ValueError(f"stop_after {stop_after!r}: must be one of {', '.join(SAMPLED[1:])} (P alone makes "
                          "embeddings, not frames; SR_l is not sampled by the chain)")
-    return STAGES.index(stage)
+    return SAMPLED.index(stage)
 
 
-def train_command(stage: str) -> str:
-    """The command that trains ``stage`` and writes its default checkpoint."""
-    return f"lightning fit --config experiments/{RUN_NAMES[stage_name(stage)]}.yaml"
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What a video depends on besides its prompts, seed and checkpoints: the options of
+    :meth:`MakeAVideoPipeline.__call__` that ``mav generate``, ``mav evaluate`` and the evaluation module share.
+    Each field's ``help`` is the command-line help of its flag."""
 
+    num_frames: int = field(default=16, metadata={"help": "frames D_t generates (16 in the paper)"})
+    fps: float = field(default=6.0, metadata={"help": "frame rate D_t is conditioned on"})
+    skip: int = field(default=5, metadata={"help": "↑F's frame-rate factor: (num_frames - 1) * skip + 1 frames"})
+    steps: PerStage = field(default=None, metadata={
+        "help": "sampling steps: N, or STAGE=N,... (e.g. 'D_t=50,SR_h=20'); default each checkpoint's", "kind": int})
+    guidance: PerStage = field(default=None, metadata={
+        "help": "classifier-free guidance scale of P, D_t, up_F: G, or STAGE=G,..."})
+    stop_after: str | None = field(default=None, metadata={
+        "help": "last network to run", "choices": ("D_t", "up_F", "SR_t", "SR_h", "dt", "interp", "sr_t", "sr_h")})
 
-def default_checkpoint(runs: str | Path, stage: str) -> Path:
-    """``runs/<stage>/checkpoints/last.ckpt``."""
-    return Path(runs) / RUN_NAMES[stage_name(stage)] / "checkpoints" / "last.ckpt"
+    def __post_init__(self) -> None:
+        if self.num_frames < 3:
+            raise ValueError(f"num_frames must be >= 3 (temporal coherence needs 3 frames), got {self.num_frames}")
+        stop_index(self.stop_after)  # an unknown stage fails here, not after the checkpoints are loaded
 
 
 def frame_shared_noise(shape: Sequence[int], *, generator: torch.Generator | None = None,
@@ -141,7 +132,7 @@ def load_stage(cls: type[StageBase], path: str | Path, *, stage: str, clip_ckpt:
     get ``image_embed_dim``, the width that CLIP would have given their U-Net.
     """
     ckpt = load_checkpoint(path, hint=f"train {stage} with `{train_command(stage)}`")
-    params = inspect.signature(cls.__init__).parameters
+    params = cls.option_names()
     kwargs = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if k in params}
     if "init_from" in params:
         kwargs["init_from"] = None
@@ -177,6 +168,7 @@ _DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torc
                 "fp32": torch.float32, "float32": torch.float32}
 DTYPES = ("auto", *_DTYPE_NAMES)  # what --dtype accepts
 DTYPE_HELP = "auto (bf16 on Ampere+ GPUs and CPUs with AMX or AVX512-BF16), bf16, fp16 or fp32"
+DEVICE_HELP = "default: CUDA when available, else the CPU"
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
@@ -263,7 +255,12 @@ class MakeAVideoPipeline:
     @property
     def stages(self) -> dict[str, StageBase]:
         """The loaded networks by paper name, in the order of the chain."""
-        return {name: getattr(self, name) for name in STAGES if getattr(self, name) is not None}
+        return {name: getattr(self, name) for name in SAMPLED if getattr(self, name) is not None}
+
+    def stages_run(self, stop_after: str | None = None) -> list[str]:
+        """The loaded networks a call with ``stop_after`` runs, in order."""
+        last = stop_index(stop_after)
+        return [s for s in self.stages if SAMPLED.index(s) <= last]
 
     def autocast(self):
         """``dtype`` autocast on the pipeline's device; nothing in float32."""
@@ -287,6 +284,7 @@ class MakeAVideoPipeline:
         stop_after: str | None = None,
         frame_batch: int | None = None,
         progress: bool = True,
+        on_stage_end: Callable[[str, Tensor], None] | None = None,
     ) -> Tensor:
         """Generate one video per prompt: frames ``[B, F', 3, H, W]`` in [-1, 1] (on the CPU, float32).
 
@@ -303,12 +301,16 @@ class MakeAVideoPipeline:
             frame_batch: SR_h frames per network call (default: all at once on an accelerator, ``CPU_FRAME_BATCH``
                 on the CPU); the noise stays shared, so the frames do not depend on it.
             progress: a progress bar per stage.
+            on_stage_end: called as ``on_stage_end(name, output)`` after each network: ``("P", y_e [B, D])``, then
+                ``("D_t" | "up_F" | "SR_t" | "SR_h", frames [B, 3, F, H, W])`` as that network returned them
+                (what evaluation scores besides the final frames).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        last = stop_index(stop_after)
+        ran = self.stages_run(stop_after)
+        done = on_stage_end or (lambda name, output: None)
 
         def run(stage: str) -> bool:
-            return getattr(self, stage) is not None and STAGES.index(stage) <= last
+            return stage in ran
 
         def n_steps(stage: str) -> int:
             return int(per_stage(steps, stage, getattr(self, stage).sample_steps))
@@ -321,23 +323,28 @@ class MakeAVideoPipeline:
             with stage_progress(self.P.prior, "P", n_steps("P"), progress):
                 y_e = self.P.sample(prompts, steps=n_steps("P"), guidance_scale=scale("P"),
                                     generator=stage_generator(seed, "P"))
+            done("P", y_e)
             # D_t: y_e -> num_frames low-resolution frames at `fps`
             with stage_progress(self.D_t.unet, "D_t", n_steps("D_t"), progress):
                 video = self.D_t.sample(y_e, num_frames=num_frames, fps=fps, steps=n_steps("D_t"),
                                         guidance_scale=scale("D_t"), generator=stage_generator(seed, "D_t"))
+            done("D_t", video)
             rate = float(fps)
             if run("up_F"):  # ↑F: skip - 1 new frames between every pair
                 with stage_progress(self.up_F.unet, "↑F", n_steps("up_F"), progress):
                     video = self.up_F.interpolate(video, skip, image_embed=y_e, fps=fps, steps=n_steps("up_F"),
                                                   guidance_scale=scale("up_F"),
                                                   generator=stage_generator(seed, "up_F"))
+                done("up_F", video)
                 rate *= skip
             if run("SR_t"):  # SR_t: all frames at once, temporal layers on
                 with stage_progress(self.SR_t.unet, "SR_t", n_steps("SR_t"), progress):
                     video = self.SR_t.sample(video, steps=n_steps("SR_t"), generator=stage_generator(seed, "SR_t"))
+                done("SR_t", video)
             if run("SR_h"):  # SR_h: frame by frame, the same noise for every frame
                 video = self.super_resolve_frames(video, steps=n_steps("SR_h"), seed=seed, frame_batch=frame_batch,
                                                   progress=progress)
+                done("SR_h", video)
         self.last_fps = float(output_fps or rate)
         return rearrange(video.float().clamp(-1, 1), "b c f h w -> b f c h w").cpu()
 
@@ -381,93 +388,3 @@ class MakeAVideoPipeline:
             if gif:
                 paths.append(write_gif(video, mp4.with_suffix(".gif"), fps=fps))
         return paths
-
-
-# ---------------------------------------------------------------------------------------------- mav generate
-def parse_per_stage(text: str | None, kind: type = int) -> PerStage:
-    """``"30"`` -> 30; ``"D_t=50,sr_h=20"`` -> ``{"D_t": 50, "SR_h": 20}``; ``"30,SR_h=10"`` -> with ``"*": 30``."""
-    if text is None:
-        return None
-    if "=" not in text:
-        return kind(text)
-    out: dict[str, Any] = {}
-    for item in text.split(","):
-        key, is_pair, value = item.partition("=")
-        if is_pair:
-            out[stage_name(key.strip())] = kind(value.strip())
-        else:
-            out["*"] = kind(key.strip())
-    return out
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mav generate", description="Text to video with the trained Make-A-Video chain.")
-    p.add_argument("prompts", nargs="+", help="one video per prompt")
-    p.add_argument("--out", default="out.mp4", help="output mp4 (a gif is written beside it); -0, -1 ... per prompt")
-    p.add_argument("--runs", default="runs", help="run folders holding <stage>/checkpoints/last.ckpt")
-    for stage in CHAIN:
-        name = RUN_NAMES[stage].replace("_", "-")
-        p.add_argument(f"--{name}", dest=RUN_NAMES[stage], metavar="CKPT",
-                       help=f"{stage} checkpoint (default RUNS/{RUN_NAMES[stage]}/checkpoints/last.ckpt"
-                            + {"up_F": "; 'none' skips it)", "SR_t": "; 'none' skips it)", "SR_h": "; 'none' skips it)",
-                               "clip": "; 'none': the one P was trained with)"}.get(stage, ")"))
-    p.add_argument("--steps", help="sampling steps: N, or STAGE=N,... (e.g. 'D_t=50,SR_h=20')")
-    p.add_argument("--guidance", help="guidance scale: G, or STAGE=G,... (P, D_t, up_F)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-frames", type=int, default=16)
-    p.add_argument("--fps", type=float, default=6.0, help="frame rate D_t is conditioned on")
-    p.add_argument("--skip", type=int, default=5, help="↑F frame-rate factor (16 -> 76 frames at 5)")
-    p.add_argument("--output-fps", type=float, default=None)
-    p.add_argument("--stop-after", choices=["D_t", "up_F", "SR_t", "SR_h", "dt", "interp", "sr_t", "sr_h"])
-    p.add_argument("--frame-batch", type=int, default=None,
-                   help=f"SR_h frames per call (default: all on a GPU, {CPU_FRAME_BATCH} on the CPU)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
-    p.add_argument("--no-gif", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> list[Path]:
-    """``mav generate "a red circle moving" --out out.mp4``; returns the written files."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        steps, guidance = parse_per_stage(args.steps, int), parse_per_stage(args.guidance, float)
-    except ValueError as e:
-        parser.error(str(e))
-    last = stop_index(args.stop_after)
-    paths: dict[str, str | None] = {}
-    for stage in CHAIN:
-        name = RUN_NAMES[stage]
-        given = getattr(args, name)
-        beyond_stop = stage in STAGES and STAGES.index(stage) > last
-        if beyond_stop or (given or "").lower() == "none":
-            paths[stage] = None
-            continue
-        path = Path(given) if given else default_checkpoint(args.runs, stage)
-        if not path.is_file():  # one line: what is missing and what makes it
-            later = f" (or skip it: --{name.replace('_', '-')} none / --stop-after)" if stage in STAGES[2:] else ""
-            sys.stderr.write(f"error: {stage} checkpoint not found: {path} — make it with "
-                             f"`{train_command(stage)}`{later}\n")
-            raise SystemExit(2)
-        paths[stage] = str(path)
-    try:
-        pipe = MakeAVideoPipeline.from_checkpoints(
-            clip=paths["clip"], prior=paths["P"], decoder=paths["D_t"], interpolation=paths["up_F"],
-            sr_t=paths["SR_t"], sr_h=paths["SR_h"], device=args.device, dtype=args.dtype)
-    except CheckpointError as e:
-        sys.stderr.write(f"error: {e}\n")
-        raise SystemExit(2) from None
-    frames = pipe(args.prompts, num_frames=args.num_frames, fps=args.fps, skip=args.skip,
-                  steps=steps, guidance=guidance,
-                  seed=args.seed, output_fps=args.output_fps, stop_after=args.stop_after,
-                  frame_batch=args.frame_batch, progress=not args.no_progress)
-    written = pipe.save(frames, args.out, gif=not args.no_gif)
-    for path in written:
-        print(path)  # noqa: T201 - the command's output
-    return written
-
-
-if __name__ == "__main__":
-    main()

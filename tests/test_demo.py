@@ -13,7 +13,8 @@ from lightning_mav.media import read_video
 
 @pytest.mark.slow
 def test_quick_demo_trains_the_chain_and_writes_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lightning_mav.demo import CHAIN, demo_precision, run_demo
+    from lightning_mav.demo import demo_precision, run_demo
+    from lightning_mav.networks import NETWORKS
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["mav", "demo", "--quick"])  # as from the command line
@@ -22,13 +23,13 @@ def test_quick_demo_trains_the_chain_and_writes_the_report(tmp_path: Path, monke
         report = run_demo(data=Path("data/shapes"), quick=True, num_prompts=1)
     # the stages' arguments are the demo's own: no LightningCLI warning about sys.argv per stage
     assert not [w for w in caught if "args parameter" in str(w.message)]
-    for stage, _, _ in CHAIN:
+    for stage in (n.run for n in NETWORKS):
         assert (tmp_path / "runs" / stage / "checkpoints" / "last.ckpt").is_file(), stage
         assert (tmp_path / "runs" / stage / "DONE").is_file(), stage
     text = report.read_text()
     assert "## Metrics" in text and "shapes/color" in text and "coherence/D_t" in text
     precision = demo_precision()  # auto: bf16-mixed on CPUs with bf16 instructions, else 32-true
-    assert text.count(f"| {precision} |") == len(CHAIN)  # every stage trained in it
+    assert text.count(f"| {precision} |") == len(NETWORKS)  # every stage trained in it
     assert f"Videos sampled in {'bfloat16' if precision == 'bf16-mixed' else 'float32'}." in text
     (mp4,) = (tmp_path / "runs" / "demo" / "videos").glob("*.mp4")
     frames, fps = read_video(mp4)

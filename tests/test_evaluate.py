@@ -14,8 +14,15 @@ from conftest import train_tiny_chain
 from PIL import Image
 from torch import Tensor, nn
 
-import lightning_mav.evaluate as ev
-from lightning_mav.cli import EXPERIMENTS, MAVCLI
+import lightning_mav.evaluation as ev
+from lightning_mav.commands.evaluate import main as evaluate_command
+from lightning_mav.evaluation.prompts import is_shapes_prompt
+from lightning_mav.evaluation.real_data import RealData, item_noise, real_batches, score_real_data
+from lightning_mav.evaluation.samples import plan_samples, sample_name
+from lightning_mav.evaluation.scores import NO_I3D
+from lightning_mav.metrics import parse_prompt
+from lightning_mav.pipeline import GenerationSettings
+from lightning_mav.trainer_cli import EXPERIMENTS, MAVCLI
 from lightning_mav.media import read_video
 from lightning_mav.metrics import TemporalCoherence
 from lightning_mav.nn.mixed_precision import native_bf16
@@ -69,10 +76,10 @@ def i3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ----------------------------------------------------------------------------------------------------- prompts
 def test_prompt_sources(shapes_root: Path, tmp_path: Path) -> None:
     shapes = ev.load_prompts(data=shapes_root)  # default: <data>/eval/prompts.jsonl
-    assert len(shapes) == 24 and all(ev.is_shapes_prompt(p) for p in shapes)
+    assert len(shapes) == 24 and all(is_shapes_prompt(p) for p in shapes)
     subset = ev.load_prompts(data=shapes_root, num_prompts=8, seed=1)
     assert len(subset) == 8 and subset == [p for p in shapes if p in subset]  # file order kept
-    assert len({ev.parse_prompt(p).shape for p in subset}) > 1  # not every k-th line (one shape)
+    assert len({parse_prompt(p).shape for p in subset}) > 1  # not every k-th line (one shape)
     assert subset == ev.load_prompts(data=shapes_root, num_prompts=8, seed=1)
 
     txt = tmp_path / "p.txt"
@@ -84,8 +91,8 @@ def test_prompt_sources(shapes_root: Path, tmp_path: Path) -> None:
                                                 "a video of a person basketball",
                                                 "a video of a person playing guitar"]
     captions = ev.load_prompts(str(shapes_root / "images" / "val-*.tar"), num_prompts=3)
-    assert len(captions) == 3 and all(ev.is_shapes_prompt(c) for c in captions)
-    assert not ev.is_shapes_prompt("a video of a person basketball")
+    assert len(captions) == 3 and all(is_shapes_prompt(c) for c in captions)
+    assert not is_shapes_prompt("a video of a person basketball")
 
 
 def test_prompt_items_pad_for_ranks_without_repeating_samples() -> None:
@@ -97,7 +104,7 @@ def test_prompt_items_pad_for_ranks_without_repeating_samples() -> None:
 
 
 def test_plan_seeds_batches_by_first_index() -> None:
-    plan = ev.plan_samples(["a", "b", "c"], videos_per_prompt=1, batch_size=2, seed=10)
+    plan = plan_samples(["a", "b", "c"], videos_per_prompt=1, batch_size=2, seed=10)
     assert [[(s.index, s.prompt, s.seed, s.position) for s in b] for b in plan] == [
         [(0, "a", 10, 0), (1, "b", 10, 1)], [(2, "c", 12, 0)]]
 
@@ -107,10 +114,10 @@ def test_item_noise_is_per_key_and_drawn_like_the_stage() -> None:
     from lightning_mav.diffusion import Diffusion
 
     shape = (3, 8, 16, 16)
-    both = ev.item_noise(["a", "b"], shape, seed=0, stream="up_F")
-    assert torch.equal(both[1], ev.item_noise(["b"], shape, seed=0, stream="up_F")[0])  # batching does not matter
-    assert torch.equal(ev.item_noise(["a"], shape, seed=0, stream="up_F", diffusion=Diffusion())[0], both[0])
-    mixed = ev.item_noise([str(i) for i in range(8)], shape, seed=0, stream="up_F",
+    both = item_noise(["a", "b"], shape, seed=0, stream="up_F")
+    assert torch.equal(both[1], item_noise(["b"], shape, seed=0, stream="up_F")[0])  # batching does not matter
+    assert torch.equal(item_noise(["a"], shape, seed=0, stream="up_F", diffusion=Diffusion())[0], both[0])
+    mixed = item_noise([str(i) for i in range(8)], shape, seed=0, stream="up_F",
                           diffusion=Diffusion(frame_noise_share=0.5))  # as a D_t / ↑F trained with shared noise
     per_pixel = mixed.permute(0, 1, 3, 4, 2).reshape(-1, 8)
     assert abs(torch.corrcoef(per_pixel.T)[0, 1:].mean().item() - 0.5) < 0.05
@@ -132,7 +139,7 @@ def test_d_per_frame_treats_every_frame_alone(runs: Path) -> None:
 
 def test_generate_batch_returns_what_the_pipeline_makes_and_its_intermediates(runs: Path) -> None:
     pipe = ev.load_chain(runs, device="cpu").pipe
-    settings = ev.GenerationSettings(num_frames=4, steps=1)
+    settings = GenerationSettings(num_frames=4, steps=1)
     made = ev.generate_batch(pipe, ["a red circle moving", "a blue square"], seed=3, settings=settings)
     assert made.final == "SR_t" and made.fps == pytest.approx(30.0)
     assert {k: tuple(v.shape) for k, v in made.frames.items()} == {
@@ -149,13 +156,13 @@ def test_generate_batch_returns_what_the_pipeline_makes_and_its_intermediates(ru
 def test_real_data_scores_do_not_depend_on_batching(runs: Path, shapes_root: Path) -> None:
     """Each real clip's noise comes from its key, so batches (and DDP ranks) do not change the PSNR scores."""
     chain = ev.load_chain(runs, device="cpu", dtype="fp32")  # bf16 kernels round differently per batch shape
-    settings = ev.GenerationSettings(num_frames=4, steps=1)
+    settings = GenerationSettings(num_frames=4, steps=1)
     scores = []
     for batch_size in (1, 3):
         metrics = ev.EvalMetrics(chain.pipe.C_x)
-        real = ev.RealData(videos=str(shapes_root / "videos" / "val-*.tar"),
+        real = RealData(videos=str(shapes_root / "videos" / "val-*.tar"),
                            images=str(shapes_root / "images" / "val-*.tar"), clips=3, batch_size=batch_size)
-        assert ev.score_real_data(chain, metrics, real, settings, seed=0) == {}
+        assert score_real_data(chain, metrics, real, settings, seed=0) == {}
         scores.append({k: v["value"] for k, v in metrics.results(chain.missing).items()
                        if k.startswith(("interp/", "sr/SR_l", "sr/SR_t"))})
     assert len(scores[0]) == 9 and all(math.isfinite(v) for v in scores[0].values())
@@ -167,7 +174,8 @@ def test_evaluate_writes_metrics_videos_and_reuses_samples(runs: Path, shapes_ro
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "eval"
-    result = ev.evaluate(runs, shapes_root, out, num_prompts=2, num_frames=4, quick=True, i3d=i3d, progress=False)
+    result = ev.evaluate(runs=runs, data=shapes_root, out=out, num_prompts=2, num_frames=4, quick=True, i3d=i3d,
+                         progress=False)
 
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["metrics"] == result["metrics"]
@@ -205,7 +213,7 @@ def test_evaluate_writes_metrics_videos_and_reuses_samples(runs: Path, shapes_ro
     assert (out / "tb").is_dir() and any((out / "tb").iterdir())
     # Motion's reference: the real validation clips (quick: 2) at D_t's frame count, default fps (6) and size.
     real = TemporalCoherence()
-    for clips, _, _ in ev.real_batches(str(shapes_root / "videos" / "val-*.tar"), "videos", size=8, limit=2,
+    for clips, _, _ in real_batches(str(shapes_root / "videos" / "val-*.tar"), "videos", size=8, limit=2,
                                        num_frames=4, fps=6.0):
         real.update(clips)
     real_scores = real.compute()
@@ -223,11 +231,11 @@ def test_evaluate_writes_metrics_videos_and_reuses_samples(runs: Path, shapes_ro
         raise AssertionError("a stored sample was generated again")
 
     monkeypatch.setattr(ev, "generate_batch", no_generation)
-    again = ev.main(["--runs", str(runs), "--data", str(shapes_root), "--out", str(out), "--num-prompts", "2",
+    again = evaluate_command(["--runs", str(runs), "--data", str(shapes_root), "--out", str(out), "--num-prompts", "2",
                      "--num-frames", "4", "--quick", "--no-progress"])
     assert again["run"]["reused"] == 2 and again["run"]["generated"] == 0
     assert {f: f.stat().st_mtime_ns for f in files} == mtimes
-    assert again["metrics"]["fvd"]["value"] == ev.NO_I3D == "not computed: no I3D weights (--i3d PATH)"
+    assert again["metrics"]["fvd"]["value"] == NO_I3D == "not computed: no I3D weights (--i3d PATH)"
     for name in ("shapes/all", "coherence/D_t", "coherence/D_per_frame", "clipsim/suite_clip", "interp/psnr"):
         assert again["metrics"][name]["value"] == metrics[name]["value"], name  # same samples, same seeds
     printed = capsys.readouterr().out
@@ -235,7 +243,8 @@ def test_evaluate_writes_metrics_videos_and_reuses_samples(runs: Path, shapes_ro
 
     # Another seed is another sample: regenerated, not reused, and its media rewritten.
     monkeypatch.undo()
-    third = ev.evaluate(runs, shapes_root, out, num_prompts=2, num_frames=4, quick=True, seed=1, progress=False)
+    third = ev.evaluate(runs=runs, data=shapes_root, out=out, num_prompts=2, num_frames=4, quick=True, seed=1,
+                        progress=False)
     assert third["run"]["generated"] == 2 and third["run"]["reused"] == 0
     for video in third["videos"]:
         mp4 = Path(video["files"][0])
@@ -243,32 +252,32 @@ def test_evaluate_writes_metrics_videos_and_reuses_samples(runs: Path, shapes_ro
     # Another compute dtype is another sample too (auto: bf16 on CPUs with bf16 instructions, fp32 elsewhere).
     assert third["run"]["dtype"] == ("bfloat16" if native_bf16("cpu") else "float32")
     other = "fp32" if third["run"]["dtype"] == "bfloat16" else "bf16"
-    fourth = ev.evaluate(runs, shapes_root, out, num_prompts=2, num_frames=4, quick=True, seed=1, progress=False,
-                         dtype=other)
+    fourth = ev.evaluate(runs=runs, data=shapes_root, out=out, num_prompts=2, num_frames=4, quick=True, seed=1,
+                         progress=False, dtype=other)
     assert fourth["run"]["generated"] == 2 and fourth["run"]["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[other]
 
 
 def test_missing_required_stage_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
-        ev.main(["--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "eval"), "--quick"])
+        evaluate_command(["--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "eval"), "--quick"])
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "lightning fit --config experiments/prior.yaml" in err
     with pytest.raises(SystemExit) as exit_info:  # a bad per-stage value fails before anything is loaded
-        ev.main(["--runs", str(tmp_path / "empty"), "--steps", "SR_x=3"])
+        evaluate_command(["--runs", str(tmp_path / "empty"), "--steps", "SR_x=3"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
-        "--steps/--guidance: unknown stage 'SR_x': use one of clip, P, D, D_t, up_F, SR_t, SR_h, SR_l "
-        "(or clip, prior, decoder, dt, interp, sr_t, sr_h, sr_l)")
+        "argument --steps: unknown stage 'SR_x': use one of clip, P, D, SR_l, SR_h, D_t, up_F, SR_t "
+        "(or clip, prior, decoder, sr_l, sr_h, dt, interp, sr_t)")
 
 
 # ----------------------------------------------------------------------------------------------------- lightning test
 def test_lightning_test_with_eval_yaml(runs: Path, shapes_root: Path, tmp_path: Path) -> None:
     cli = MAVCLI(args=[
         "test", "--config", str(EXPERIMENTS / "eval.yaml"),
-        "--model.init_args.runs", str(runs), "--model.init_args.data", str(shapes_root),
-        "--model.init_args.num_frames", "4", "--model.init_args.steps", "1", "--model.init_args.eval_clips", "2",
-        "--data.init_args.data", str(shapes_root), "--data.init_args.num_prompts", "3",
-        "--data.init_args.batch_size", "2",
+        "--model.init_args.options.runs", str(runs), "--model.init_args.options.data", str(shapes_root),
+        "--model.init_args.options.num_frames", "4", "--model.init_args.options.steps", "1",
+        "--model.init_args.options.eval_clips", "2", "--model.init_args.options.num_prompts", "3",
+        "--model.init_args.options.batch_size", "2",
         "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.accelerator", "cpu",
         "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",
     ])
@@ -279,13 +288,13 @@ def test_lightning_test_with_eval_yaml(runs: Path, shapes_root: Path, tmp_path: 
     assert "fvd" not in logged  # no I3D weights given
     run_dir = tmp_path / "eval"
     saved = json.loads((run_dir / "metrics.json").read_text())["metrics"]
-    assert saved["fvd"]["value"] == ev.NO_I3D and saved["sr/SR_h/psnr"]["value"].startswith("not trained")
+    assert saved["fvd"]["value"] == NO_I3D and saved["sr/SR_h/psnr"]["value"].startswith("not trained")
     assert sorted(p.name for p in (run_dir / "videos").glob("*.mp4")) == [
-        f"{i:05d}-{ev._slug(p)}.mp4" for i, p in enumerate(ev.load_prompts(data=shapes_root, num_prompts=3))]
+        f"{sample_name(i, p)}.mp4" for i, p in enumerate(ev.load_prompts(data=shapes_root, num_prompts=3))]
     assert any(run_dir.glob("events.out.tfevents*"))  # the TensorBoard scalars
 
     # Same prompts, batches and seeds as `mav evaluate`: the same videos, so the same scores.
-    direct = ev.evaluate(runs, shapes_root, tmp_path / "direct", num_prompts=3, num_frames=4, steps=1, batch_size=2,
-                         eval_clips=2, progress=False)
+    direct = ev.evaluate(runs=runs, data=shapes_root, out=tmp_path / "direct", num_prompts=3, num_frames=4, steps=1,
+                         batch_size=2, eval_clips=2, progress=False)
     for name in ("shapes/all", "coherence/D_t", "coherence/D_per_frame", "coherence/up_F", "clipsim/suite_clip"):
         assert float(logged[name]) == pytest.approx(direct["metrics"][name]["value"], rel=1e-5, abs=1e-6), name

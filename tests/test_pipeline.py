@@ -12,18 +12,16 @@ from PIL import Image
 from lightning_mav.checkpoints import CheckpointError
 from lightning_mav.media import read_video
 from lightning_mav.nn.mixed_precision import native_bf16
+from lightning_mav.commands.generate import main
+from lightning_mav.commands.options import parse_per_stage
+from lightning_mav.networks import default_checkpoint, stage_name, train_command
 from lightning_mav.pipeline import (
     CPU_FRAME_BATCH,
     MakeAVideoPipeline,
-    default_checkpoint,
     frame_shared_noise,
-    main,
-    parse_per_stage,
     per_stage,
-    stage_name,
     stage_progress,
     stop_index,
-    train_command,
 )
 from lightning_mav.stages.superres import SuperResStage
 

@@ -40,3 +40,38 @@ def test_environment_yml_matches_pyproject() -> None:
         if name not in ("torch", "torchvision"):  # pinned to this machine's builds there
             assert by_name[name].replace("_", "-").lower() == req.replace("_", "-").lower(), (req, by_name[name])
     assert "python=3.11" in env["dependencies"]
+
+
+def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package modules ``path`` imports (at module level or inside functions)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [f"{node.module}.{a.name}" for a in node.names] + [node.module] \
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+        found |= {n for n in names if n in modules}
+    return found
+
+
+def test_no_import_circle_among_the_package_modules() -> None:
+    modules = {}
+    for package in ("lightning_mav", "datamodules"):
+        for path in (ROOT / package).rglob("*.py"):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            modules[name] = path
+    graph = {name: _imports(path, modules) - {name} for name, path in modules.items()}
+    assert graph["lightning_mav.commands"] and graph["lightning_mav.demo"]  # the walk sees imports at all
+
+    def circle_from(start: str, path: list[str]) -> list[str] | None:
+        for nxt in sorted(graph[path[-1]]):
+            if nxt == start:
+                return [*path, start]
+            if nxt not in path and (found := circle_from(start, [*path, nxt])):
+                return found
+        return None
+
+    for name in sorted(graph):
+        circle = circle_from(name, [name])
+        assert circle is None, " -> ".join(circle)

@@ -21,7 +21,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_mav.callbacks import AtomicCheckpointIO
-from lightning_mav.cli import MAVCLI
+from lightning_mav.trainer_cli import MAVCLI
 from lightning_mav.stages.base import NonFiniteLossError
 from lightning_mav.stages.superres import SuperResStage
 

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from datamodules import shapes
+from lightning_mav.commands.data import main as data_command
 
 
 def _members(tar_path: Path) -> dict[str, bytes]:
@@ -135,7 +136,7 @@ def test_half_written_dataset_is_regenerated_and_cli(tmp_path: Path) -> None:
     (root / "images").mkdir(parents=True)
     (root / "images" / "train-000099.tar").write_bytes(b"partial")  # a crash left this, and no DONE
     assert not shapes.is_complete(root)
-    shapes.main(["--out", str(root), "--small"])
+    data_command(["--out", str(root), "--small"])
     assert shapes.is_complete(root) and not (root / "images" / "train-000099.tar").exists()
     assert json.loads((root / "DONE").read_text())["image_size"] == 32
     with pytest.raises(ValueError, match="even"):

@@ -19,7 +19,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_mav import media
-from lightning_mav.cli import MAVCLI
+from lightning_mav.trainer_cli import MAVCLI
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

@@ -55,6 +55,11 @@ NonFinite = Literal["stop", "skip"]
 LRSchedule = Literal["constant", "cosine"]
 
 
+#: hyperparameters a stage records about itself, not options: a checkpoint's hparams hand them back to the
+#: constructor (``load_from_checkpoint``), which ignores them
+RECORDED_HPARAMS = ("parent_ckpt",)
+
+
 class NonFiniteLossError(FloatingPointError):
     """The training loss was NaN or infinite (``nonfinite="stop"``)."""
 
@@ -88,6 +93,10 @@ def _to(batch: Any, device: torch.device) -> Any:
 class StageBase(pl.LightningModule):
     """Base LightningModule of the stages.
 
+    The options every stage shares, defined here once: each stage's ``__init__`` forwards ``**options`` to this one
+    (LightningCLI still validates them and ``--print_config`` shows them under ``model.init_args``). The optimizer
+    options left None take the stage's :attr:`optimizer_defaults`; the resolved values are saved in ``hparams``.
+
     Args:
         lr: peak learning rate (reached after ``warmup_steps``).
         weight_decay: AdamW decoupled weight decay, applied to matrices/kernels only (not biases, norms, embeddings
@@ -111,19 +120,32 @@ class StageBase(pl.LightningModule):
     #: ``pipeline.load_stage``) applies them when a checkpoint's hyperparameters lack the key, so an old checkpoint
     #: behaves as it was trained, not as today's default.
     legacy_hparams: dict[str, Any] = {}
+    #: the optimizer options a stage uses when its config leaves them unset (None)
+    optimizer_defaults: dict[str, Any] = {"lr": 1e-4, "weight_decay": 0.0, "betas": (0.9, 0.99), "warmup_steps": 0}
 
     def __init__(
         self,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.99),
-        warmup_steps: int = 0,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        betas: tuple[float, float] | None = None,
+        warmup_steps: int | None = None,
         lr_schedule: LRSchedule = "constant",
         media_batch_size: int = 4,
         media_seed: int = 0,
         nonfinite: NonFinite = "stop",
+        **recorded: Any,
     ) -> None:
         super().__init__()
+        unknown = sorted(set(recorded) - set(RECORDED_HPARAMS))
+        if unknown:  # the message Python gives for any other constructor (config errors name the key from it)
+            raise TypeError(f"{type(self).__name__}.__init__() got an unexpected keyword argument '{unknown[0]}'")
+        given = {"lr": lr, "weight_decay": weight_decay, "betas": betas, "warmup_steps": warmup_steps}
+        lr, weight_decay, betas, warmup_steps = (self.optimizer_defaults[k] if v is None else v
+                                                 for k, v in given.items())
+        self._shared_options = {"lr": lr, "weight_decay": weight_decay, "betas": tuple(betas),
+                                "warmup_steps": warmup_steps, "lr_schedule": lr_schedule,
+                                "media_batch_size": media_batch_size, "media_seed": media_seed,
+                                "nonfinite": nonfinite}
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         if lr_schedule not in ("constant", "cosine"):
@@ -138,6 +160,29 @@ class StageBase(pl.LightningModule):
         self._media_batch: Any = None
         self._flops: dict[str, float] = {}  # "train" / "val" -> FLOPs of one batch (see flops_per_batch)
         self._flop_counter: tuple[str, FlopCounterMode] | None = None
+
+    def save_hyperparameters(self, *args: Any, frame: Any = None, **kwargs: Any) -> None:
+        """Lightning's, plus the resolved shared options (which reach a stage as ``**options``, so Lightning would
+        record only those given): a checkpoint's hyperparameters rebuild the stage as it trained."""
+        import inspect
+
+        super().save_hyperparameters(*args, frame=frame or inspect.currentframe().f_back, **kwargs)
+        for key, value in self._shared_options.items():
+            self.hparams[key] = value
+
+    @classmethod
+    def option_names(cls) -> set[str]:
+        """Every keyword the stage's constructor accepts: its own and the shared ones it forwards to StageBase."""
+        import inspect
+
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            if klass is pl.LightningModule:
+                break
+            if "__init__" in vars(klass):
+                names |= {n for n, p in inspect.signature(klass.__init__).parameters.items()
+                          if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        return names
 
     # ------------------------------------------------------------------ subclass contract
     def compute_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, int]:

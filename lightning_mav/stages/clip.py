@@ -42,8 +42,11 @@ class CLIPStage(StageBase):
             its group, as one more text every image is contrasted with (NegCLIP, Yuksekgonul et al. 2023). A random
             batch seldom holds two images that differ only in such a word, so without this CLIP learns the word late
             and its image embedding carries little of it, and what y_e lacks, D cannot draw.
-        lr, weight_decay, betas, warmup_steps, lr_schedule, media_batch_size, media_seed: see :class:`StageBase`.
+        options: the options every stage shares (lr, weight_decay, betas, warmup_steps, lr_schedule,
+            media_batch_size, media_seed, nonfinite): see :class:`StageBase`.
     """
+
+    optimizer_defaults = {"lr": 5e-4, "weight_decay": 0.1, "betas": (0.9, 0.98), "warmup_steps": 100}
 
     def __init__(
         self,
@@ -51,18 +54,9 @@ class CLIPStage(StageBase):
         model_cfg: dict[str, Any] | None = None,
         pretrained: str | None = None,
         hard_negative_words: list[list[str]] | None = None,
-        lr: float = 5e-4,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.98),
-        warmup_steps: int = 100,
-        lr_schedule: Literal["constant", "cosine"] = "constant",
-        media_batch_size: int = 4,
-        media_seed: int = 0,
-        nonfinite: Literal["stop", "skip"] = "stop",
+        **options: Any,
     ) -> None:
-        super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         lr_schedule=lr_schedule, media_batch_size=media_batch_size, media_seed=media_seed,
-                         nonfinite=nonfinite)
+        super().__init__(**options)
         self.save_hyperparameters()
         self.clip = CLIP(model_name, pretrained=pretrained, model_cfg=model_cfg, freeze=False)
         self.loss_fn = ClipLoss()

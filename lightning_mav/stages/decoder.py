@@ -52,7 +52,8 @@ class DecoderStage(StageBase):
             T``) the sampler denoises every frame on its own, temporal layers and fps off, so that the temporal
             layers lay out a coherent video and D's spatial layers finish each frame. 0 (the paper): never. For
             a briefly trained D_t, whose temporal convolutions blur the shapes D draws (README, "Choices").
-        lr, weight_decay, betas, warmup_steps, lr_schedule, media_batch_size, media_seed: see :class:`StageBase`.
+        options: the options every stage shares (lr, weight_decay, betas, warmup_steps, lr_schedule,
+            media_batch_size, media_seed, nonfinite): see :class:`StageBase`.
     """
 
     def __init__(
@@ -70,18 +71,9 @@ class DecoderStage(StageBase):
         sampler: Literal["ddim", "ddpm", "dpm++"] = "ddim",
         guidance_scale: float = 3.0,
         per_frame_below: float = 0.0,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.99),
-        warmup_steps: int = 0,
-        lr_schedule: Literal["constant", "cosine"] = "constant",
-        media_batch_size: int = 4,
-        media_seed: int = 0,
-        nonfinite: Literal["stop", "skip"] = "stop",
+        **options: Any,
     ) -> None:
-        super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         lr_schedule=lr_schedule, media_batch_size=media_batch_size, media_seed=media_seed,
-                         nonfinite=nonfinite)
+        super().__init__(**options)
         self.save_hyperparameters()
         if not 0.0 <= per_frame_below <= 1.0:
             raise ValueError(f"per_frame_below must be a fraction of the noise schedule in [0, 1], "
@@ -189,11 +181,14 @@ class DecoderStage(StageBase):
         sampler: str | None = None,
         noise: Tensor | None = None,
         progress: bool = False,
+        per_frame: bool = False,
     ) -> Tensor:
         """``y_e [B, D]`` -> images ``[B, 3, H, W]`` or, with ``num_frames``, videos ``[B, 3, F, H, W]`` in [-1, 1].
 
         ``fps`` (float or ``[B]``) conditions D_t's frame rate; ``batch_size`` only for an unconditional U-Net;
         ``noise`` ``[B, 3, (F,) H, W]`` replaces the seeded initial noise. Defaults come from the hyperparameters.
+        ``per_frame``: every frame on its own at every step (temporal layers and fps off: D's spatial network),
+        the paper's ablation of D_t against D applied frame by frame.
         """
         if image_embed is not None:
             image_embed = F.normalize(image_embed.float().to(self.device), dim=-1)
@@ -202,13 +197,13 @@ class DecoderStage(StageBase):
             raise ValueError("this decoder is conditioned on CLIP image embeddings: pass image_embed [B, D]")
         size = image_size or self.image_size
         shape = (batch_size, 3, size, size) if num_frames is None else (batch_size, 3, num_frames, size, size)
-        if fps is not None and self.fps_cond:
+        if fps is not None and self.fps_cond and not per_frame:
             fps = torch.as_tensor(fps, dtype=torch.float32, device=self.device).expand(batch_size)
         else:
             fps = None
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        model = self.model_fn(image_embed, fps=fps)
-        if num_frames is not None and self.per_frame_below > 0:
+        model = self.model_fn(image_embed, fps=fps, time=not per_frame)
+        if num_frames is not None and self.per_frame_below > 0 and not per_frame:
             model = _switch_below(self.per_frame_below * self.diffusion.timesteps,
                                   self.model_fn(image_embed, time=False), model)
         return self.diffusion.sample(

@@ -161,26 +161,19 @@ class InterpolationStage(DecoderStage):
         sample_steps: int = 50,
         sampler: Literal["ddim", "ddpm", "dpm++"] = "ddim",
         guidance_scale: float = 1.0,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.99),
-        warmup_steps: int = 0,
-        lr_schedule: Literal["constant", "cosine"] = "constant",
-        media_batch_size: int = 4,
-        media_seed: int = 0,
-        nonfinite: Literal["stop", "skip"] = "stop",
+        **options: Any,
     ) -> None:
         if not skips or min(skips) < 1:
             raise ValueError(f"skips must be positive frame skips, got {skips!r}")
         if not 0.0 <= extrapolation_prob <= 1.0:
             raise ValueError(f"extrapolation_prob must be in [0, 1], got {extrapolation_prob}")
+        if options.pop("joint_image_prob", 0.0):  # in hparams as DecoderStage saves them; ↑F has no image steps
+            raise ValueError("joint_image_prob: ↑F trains on video only (its masks need frames), leave it 0")
         unet = {"temporal": True, **(unet or {}), "extra_in_channels": EXTRA_IN_CHANNELS}
         super().__init__(unet=unet, diffusion=diffusion, clip_ckpt=clip_ckpt, image_size=image_size,
                          cond_drop_prob=cond_drop_prob, cond_frame=cond_frame, joint_image_prob=0.0,
                          init_from=init_from, freeze_spatial=freeze_spatial, sample_steps=sample_steps,
-                         sampler=sampler, guidance_scale=guidance_scale, lr=lr, weight_decay=weight_decay,
-                         betas=betas, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
-                         media_batch_size=media_batch_size, media_seed=media_seed, nonfinite=nonfinite)
+                         sampler=sampler, guidance_scale=guidance_scale, **options)
         self.num_frames, self.skips = num_frames, tuple(int(k) for k in skips)
         self.extrapolation_prob, self.loss_on_known, self.residual = extrapolation_prob, loss_on_known, residual
 

@@ -40,8 +40,11 @@ class PriorStage(StageBase):
         timesteps, schedule, objective: the diffusion (x0, DALL·E 2's choice, by default).
         cond_drop_prob: probability of training a sample unconditionally (classifier-free guidance).
         sample_steps, guidance_scale: defaults of :meth:`sample`.
-        lr, weight_decay, betas, warmup_steps, lr_schedule, media_batch_size, media_seed: see :class:`StageBase`.
+        options: the options every stage shares (lr, weight_decay, betas, warmup_steps, lr_schedule,
+            media_batch_size, media_seed, nonfinite): see :class:`StageBase`.
     """
+
+    optimizer_defaults = {"lr": 3e-4, "weight_decay": 0.01, "betas": (0.9, 0.99), "warmup_steps": 100}
 
     def __init__(
         self,
@@ -58,18 +61,9 @@ class PriorStage(StageBase):
         cond_drop_prob: float = 0.2,
         sample_steps: int = 64,
         guidance_scale: float = 2.0,
-        lr: float = 3e-4,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.99),
-        warmup_steps: int = 100,
-        lr_schedule: Literal["constant", "cosine"] = "constant",
-        media_batch_size: int = 4,
-        media_seed: int = 0,
-        nonfinite: Literal["stop", "skip"] = "stop",
+        **options: Any,
     ) -> None:
-        super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         lr_schedule=lr_schedule, media_batch_size=media_batch_size, media_seed=media_seed,
-                         nonfinite=nonfinite)
+        super().__init__(**options)
         self.save_hyperparameters()
         if clip_model is None:
             self.load_clip(clip_ckpt)

@@ -67,7 +67,8 @@ class SuperResStage(StageBase):
             from the saved hyperparameters once loaded (see :meth:`StageBase.init_network`).
         freeze_spatial: train only the new (temporal) parameters.
         sample_steps, sampler: defaults of :meth:`sample`.
-        lr, weight_decay, betas, warmup_steps, lr_schedule, media_batch_size, media_seed: see :class:`StageBase`.
+        options: the options every stage shares (lr, weight_decay, betas, warmup_steps, lr_schedule,
+            media_batch_size, media_seed, nonfinite): see :class:`StageBase`.
     """
 
     legacy_hparams = {"residual": False}  # saved before residual diffusion existed: it diffused the image itself
@@ -86,18 +87,9 @@ class SuperResStage(StageBase):
         freeze_spatial: bool = False,
         sample_steps: int = 50,
         sampler: Literal["ddim", "ddpm", "dpm++"] = "ddim",
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.99),
-        warmup_steps: int = 0,
-        lr_schedule: Literal["constant", "cosine"] = "constant",
-        media_batch_size: int = 4,
-        media_seed: int = 0,
-        nonfinite: Literal["stop", "skip"] = "stop",
+        **options: Any,
     ) -> None:
-        super().__init__(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         lr_schedule=lr_schedule, media_batch_size=media_batch_size, media_seed=media_seed,
-                         nonfinite=nonfinite)
+        super().__init__(**options)
         self.save_hyperparameters()
         if highres_size % lowres_size:
             raise ValueError(f"highres_size {highres_size} must be a multiple of lowres_size {lowres_size}")

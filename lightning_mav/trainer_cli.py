@@ -1,9 +1,8 @@
-"""Command line: ``lightning`` / ``mav`` / ``python -m lightning_mav``.
+"""``MAVCLI``: Lightning's ``LightningCLI`` with the suite's defaults, behind ``mav fit / validate / test / predict``.
 
-Trainer commands (``fit / validate / test / predict --config …``) are Lightning's own ``LightningCLI``: model and data
-are picked by import path in the YAML (``class_path``), ``experiments/base.yaml`` supplies the defaults, OmegaConf
-``${…}`` interpolation works, ``--print_config`` prints the merged config and the run folder gets ``config.yaml``.
-``mav`` also carries the commands that are not training: ``generate``, ``demo``, ``data``, ``evaluate``.
+Model and data are picked by import path in the YAML (``class_path``), ``experiments/base.yaml`` supplies the
+defaults, OmegaConf ``${…}`` interpolation works, ``--print_config`` prints the merged config and the run folder gets
+``config.yaml``. ``mav demo`` runs every stage through it too (``lightning_mav.demo``).
 
 A bad config (unknown key, wrong type, ``???`` left unset, a checkpoint path that does not exist, a constructor that
 refuses its arguments) stops before anything trains with one line, ``error: <key>: <reason>``; set
@@ -22,8 +21,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-
-from lightning_mav.malloc import keep_freed_memory
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 BASE_CONFIG = EXPERIMENTS / "base.yaml"
@@ -136,27 +133,29 @@ class _Parser(LightningArgumentParser):
 
 
 class MAVCLI(LightningCLI):
-    """``LightningCLI`` with the suite's defaults: any LightningModule / LightningDataModule by import path,
+    """``LightningCLI`` with the suite's defaults: any LightningModule / (optional) LightningDataModule by import path,
     ``experiments/base.yaml`` as default config, OmegaConf interpolation, ``config.yaml`` overwritten on resume."""
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         import pytorch_lightning as pl
 
         defaults = [str(BASE_CONFIG)] if BASE_CONFIG.is_file() else []
-        super().__init__(
-            pl.LightningModule,
-            pl.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            parser_class=_Parser,
-            # per subcommand: defaults given to the root parser would be read "before subcommand" and refused
-            parser_kwargs={sub: {"default_config_files": defaults, "parser_mode": "omegaconf"}
-                           for sub in TRAINER_COMMANDS},
-            save_config_kwargs={"overwrite": True},
-            args=args,
-            run=run,
-            **kwargs,
-        )
+        with warnings.catch_warnings():  # args come from mav's dispatcher or the demo, as LightningCLI fears
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            super().__init__(
+                pl.LightningModule,
+                None,  # any LightningDataModule by class_path, and optional: the evaluation brings its own prompts
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                parser_class=_Parser,
+                # per subcommand: defaults given to the root parser would be read "before subcommand" and refused
+                parser_kwargs={sub: {"default_config_files": defaults, "parser_mode": "omegaconf"}
+                               for sub in TRAINER_COMMANDS},
+                save_config_kwargs={"overwrite": True},
+                args=args,
+                run=run,
+                **kwargs,
+            )
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -178,7 +177,8 @@ class MAVCLI(LightningCLI):
                                         if not str(cb.get("class_path", "")).endswith(".ModelCheckpoint")]
             trainer_cfg["enable_checkpointing"] = False
         # Runs land in runs/<stage>/ where <stage> is the first --config file's name (dt.yaml -> runs/dt; overlays
-        # given after it, like paper/dt.yaml or my.yaml, keep the stage's folder), so the chain's `init_from: runs/<parent>/checkpoints/last.ckpt` paths hold without repeating a logger per YAML.
+        # given after it, like paper/dt.yaml or my.yaml, keep the stage's folder), so the chain's
+        # `init_from: runs/<parent>/checkpoints/last.ckpt` paths hold without repeating a logger per YAML.
         logger = cfg.get("trainer", {}).get("logger")
         configs = [str(c) for c in (cfg.get("config") or []) if c is not None]
         if logger and not isinstance(logger, bool) and "init_args" in logger and configs:
@@ -197,20 +197,6 @@ class MAVCLI(LightningCLI):
             _fail(config_error(e, cfg))
 
 
-def _command(name: str):  # imported lazily: `mav fit` must not pay for the pipeline's imports
-    if name == "generate":
-        from lightning_mav.pipeline import main as fn
-    elif name == "demo":
-        from lightning_mav.demo import main as fn
-    elif name == "data":
-        from datamodules.shapes import main as fn
-    elif name == "evaluate":
-        from lightning_mav.evaluate import main as fn
-    else:
-        raise KeyError(name)
-    return fn
-
-
 def _not_an_advert(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("💡 Tip")
 
@@ -224,28 +210,3 @@ def quiet_known_noise() -> None:
         logger = logging.getLogger(name)
         if _not_an_advert not in logger.filters:
             logger.addFilter(_not_an_advert)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``mav`` and ``lightning``."""
-    keep_freed_memory()  # video tensors: no mmap/munmap page faults per step (lightning_mav/malloc.py)
-    quiet_known_noise()
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in ("generate", "demo", "data", "evaluate"):
-        _command(args[0])(args[1:])
-        return
-    try:
-        MAVCLI(args=argv)  # None: LightningCLI reads sys.argv itself
-    except Exception as e:
-        from omegaconf.errors import MissingMandatoryValue
-
-        if isinstance(e, MissingMandatoryValue):  # `???` left in a config (paper overlays' data.urls)
-            key = getattr(e, "full_key", "") or "value"
-            sys.stderr.write(f"error: {key}: missing required value (`???` in the config; set it in a YAML or as "
-                             f"--{key} …)\n")
-            raise SystemExit(2) from None
-        raise
-
-
-if __name__ == "__main__":
-    main()

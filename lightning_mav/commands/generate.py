@@ -1,0 +1,79 @@
+"""``mav generate "a red circle moving" --out out.mp4``: text to video with the trained chain (``MakeAVideoPipeline``)."""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning_mav.checkpoints import CheckpointError
+from lightning_mav.commands.options import (
+    add_dataclass_arguments,
+    add_device_arguments,
+    dataclass_from_args,
+    fail,
+    flag,
+)
+from lightning_mav.networks import BY_KEY, LOADED, OPTIONAL, SAMPLED, default_checkpoint, train_command
+from lightning_mav.pipeline import CPU_FRAME_BATCH, GenerationSettings, MakeAVideoPipeline, stop_index
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mav generate", description="Text to video with the trained Make-A-Video chain.")
+    p.add_argument("prompts", nargs="+", help="one video per prompt")
+    p.add_argument("--out", default="out.mp4", help="output mp4 (a gif is written beside it); -0, -1 ... per prompt")
+    p.add_argument("--runs", default="runs", help="run folders holding <stage>/checkpoints/last.ckpt")
+    for key in LOADED:
+        run = BY_KEY[key].run
+        skip = "; 'none': the one P was trained with" if key == "clip" else "; 'none' skips it" \
+            if key in OPTIONAL else ""
+        p.add_argument(flag(run), dest=run, metavar="CKPT",
+                       help=f"{BY_KEY[key].paper} checkpoint (default RUNS/{run}/checkpoints/last.ckpt{skip})")
+    add_dataclass_arguments(p, GenerationSettings)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-fps", type=float, default=None, help="frame rate written to the files")
+    p.add_argument("--frame-batch", type=int, default=None,
+                   help=f"SR_h frames per call (default: all on a GPU, {CPU_FRAME_BATCH} on the CPU)")
+    add_device_arguments(p)
+    p.add_argument("--no-gif", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def checkpoint_paths(args: argparse.Namespace) -> dict[str, str | None]:
+    """Each loaded network's checkpoint (None: skipped); a missing file is a one-line error naming what makes it."""
+    last = stop_index(args.stop_after)
+    paths: dict[str, str | None] = {}
+    for key in LOADED:
+        run = BY_KEY[key].run
+        given = getattr(args, run)
+        if (key in SAMPLED and SAMPLED.index(key) > last) or (given or "").lower() == "none":
+            paths[key] = None
+            continue
+        path = Path(given) if given else default_checkpoint(args.runs, key)
+        if not path.is_file():
+            later = f" (or skip it: {flag(run)} none / --stop-after)" if key in OPTIONAL else ""
+            fail(f"{key} checkpoint not found: {path} — make it with `{train_command(key)}`{later}")
+        paths[key] = str(path)
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    """Write one video per prompt; returns the written files (also printed, one per line)."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = dataclass_from_args(GenerationSettings, args)
+    except ValueError as e:
+        fail(str(e))
+    paths = checkpoint_paths(args)
+    try:
+        pipe = MakeAVideoPipeline.from_checkpoints(
+            clip=paths["clip"], prior=paths["P"], decoder=paths["D_t"], interpolation=paths["up_F"],
+            sr_t=paths["SR_t"], sr_h=paths["SR_h"], device=args.device, dtype=args.dtype)
+    except CheckpointError as e:
+        fail(str(e))
+    frames = pipe(args.prompts, **vars(settings), seed=args.seed, output_fps=args.output_fps,
+                  frame_batch=args.frame_batch, progress=not args.no_progress)
+    written = pipe.save(frames, args.out, gif=not args.no_gif)
+    for path in written:
+        print(path)  # noqa: T201 - the command's output
+    return written

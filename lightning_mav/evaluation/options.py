@@ -1,0 +1,67 @@
+"""``EvalOptions``: every option of an evaluation run, defined once for the Python API (:func:`evaluate`), the
+command (``mav evaluate``: one flag per field, the field's ``help`` its help) and the Lightning test entry
+(``EvaluationModule(options=...)``, ``experiments/eval.yaml``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from lightning_mav.evaluation.prompts import UCF_TEMPLATE
+from lightning_mav.evaluation.real_data import RealData
+from lightning_mav.pipeline import DEVICE_HELP, DTYPE_HELP, DTYPES, GenerationSettings
+
+
+@dataclass(frozen=True)
+class EvalOptions(GenerationSettings):
+    """The pipeline's options (:class:`GenerationSettings`: num_frames, fps, skip, steps, guidance, stop_after) and
+    what to generate for, what to score against and where to write."""
+
+    runs: str = field(default="runs", metadata={"help": "run folders holding <stage>/checkpoints/last.ckpt"})
+    data: str = field(default="data/shapes", metadata={
+        "help": "Moving Shapes root (default prompts, real validation shards)"})
+    out: str = field(default="runs/eval", metadata={"help": "samples, videos, sheets, tb/ and metrics.json"})
+    prompts: str | None = field(default=None, metadata={
+        "help": "prompt file (.txt / .jsonl) or caption shards (.tar pattern); default DATA/eval/prompts.jsonl"})
+    classes: str | None = field(default=None, metadata={
+        "help": "class list file (UCF-101 classInd.txt style): one prompt per class"})
+    template: str = field(default=UCF_TEMPLATE, metadata={"help": "prompt template for --classes"})
+    num_prompts: int | None = field(default=None, metadata={"help": "a seeded subset of the prompts"})
+    videos_per_prompt: int = field(default=1, metadata={"help": "samples per prompt (different noise)"})
+    seed: int = field(default=0, metadata={"help": "generation seed (a batch is seeded with seed + its first index)"})
+    batch_size: int = field(default=4, metadata={"help": "prompts per pipeline call (part of every sample's key)"})
+    i3d: str | None = field(default=None, metadata={
+        "help": "local I3D weights for FVD (pytorch-i3d state dict or StyleGAN-V TorchScript); none: no FVD"})
+    real_videos: str | None = field(default=None, metadata={
+        "help": "real video shards for FVD, ↑F and SR_t (default DATA/videos/val-*.tar)"})
+    real_images: str | None = field(default=None, metadata={
+        "help": "real image shards for SR_l / SR_h (default DATA/images/val-*.tar)"})
+    eval_clips: int = field(default=16, metadata={
+        "help": "real clips / images per PSNR score and for the real motion reference"})
+    fvd_videos: int = field(default=2048, metadata={"help": "real clips for FVD (at most)"})
+    quick: bool = field(default=False, metadata={
+        "help": "2 sampling steps (unless --steps), at most 2 prompts, 2 clips per score (checks the plumbing)"})
+    device: str | None = field(default=None, metadata={"help": DEVICE_HELP})
+    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": DTYPES})
+    progress: bool = field(default=True, metadata={"help": "no progress bar"})
+
+    @property
+    def settings(self) -> GenerationSettings:
+        """The pipeline's options alone (what every sample's key records); ``quick`` means 2 steps."""
+        own = {f.name: getattr(self, f.name) for f in fields(GenerationSettings)}
+        if self.quick and self.steps is None:
+            own["steps"] = 2
+        return GenerationSettings(**own)
+
+    @property
+    def real(self) -> RealData:
+        """Where the real validation data is and how much of it to score."""
+        clips, fvd = (min(self.eval_clips, 2), min(self.fvd_videos, 8)) if self.quick else \
+            (self.eval_clips, self.fvd_videos)
+        return RealData(videos=self.real_videos or str(Path(self.data) / "videos" / "val-*.tar"),
+                        images=self.real_images or str(Path(self.data) / "images" / "val-*.tar"),
+                        clips=clips, fvd_videos=fvd, batch_size=self.batch_size)
+
+    @property
+    def prompt_count(self) -> int | None:
+        """``num_prompts``, at most 2 when ``quick``."""
+        return min(self.num_prompts or 2, 2) if self.quick else self.num_prompts

@@ -1,0 +1,101 @@
+"""``evaluate()``: generate videos for the prompts with the trained chain, score them, write the results.
+
+    prompts ──MakeAVideoPipeline (seeded)──> samples/NNNNN.pt   D_t's frames, ↑F's, the final ones, and the ablation
+                                                                 (D per frame), lossless uint8; reused when rerun
+            ──> videos/NNNNN-<prompt>.mp4 + .gif, sheets/NNNNN-<prompt>.png
+            ──> scores ──> metrics.json + TensorBoard scalars (out/tb)
+
+What each score means: :class:`lightning_mav.evaluation.scores.EvalMetrics` and docs/evaluation.md.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_mav.evaluation.chain import load_chain
+from lightning_mav.evaluation.options import EvalOptions
+from lightning_mav.evaluation.prompts import load_prompts
+from lightning_mav.evaluation.real_data import score_real_data
+from lightning_mav.evaluation.samples import (
+    from_uint8,
+    generate_samples,
+    load_sample,
+    plan_samples,
+    sample_name,
+    write_media,
+)
+from lightning_mav.evaluation.scores import EvalMetrics
+
+
+def write_tensorboard(metrics: dict[str, dict[str, Any]], log_dir: Path, step: int = 0) -> None:
+    """Scores as TensorBoard scalars (and the skipped ones' reasons as text) under ``log_dir``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(log_dir)) as writer:
+        for name, entry in metrics.items():
+            if isinstance(entry["value"], float):
+                writer.add_scalar(name, entry["value"], step)
+            else:
+                writer.add_text(name, str(entry["value"]), step)
+
+
+def prompt_list(options: EvalOptions) -> list[str]:
+    """The prompts ``options`` names (see :func:`lightning_mav.evaluation.prompts.load_prompts`)."""
+    return load_prompts(options.prompts, data=options.data, classes=options.classes, template=options.template,
+                        num_prompts=options.prompt_count)
+
+
+def evaluate(options: EvalOptions | None = None, /, **overrides: Any) -> dict[str, Any]:
+    """Generate videos for the prompts with the trained chain under ``options.runs`` and score them.
+
+    ``evaluate(EvalOptions(num_prompts=24))`` or ``evaluate(num_prompts=24)``: keywords override fields of
+    ``options`` (see :class:`EvalOptions` for every option).
+
+    Returns:
+        ``{"metrics": {name: {"value": float | str, "about": str}}, "videos": [{"prompt", "files": [mp4, gif],
+        "sheet", "ablation_sheet"}], "run": {...}}``, also written to ``out/metrics.json``.
+    """
+    options = replace(options or EvalOptions(), **overrides)
+    out, settings, real = Path(options.out), options.settings, options.real
+    # first: a missing checkpoint is the likeliest error, say it at once
+    chain = load_chain(options.runs, device=options.device, dtype=options.dtype)
+    prompts = prompt_list(options)
+    plan = plan_samples(prompts, options.videos_per_prompt, options.batch_size, options.seed)
+    t0 = time.perf_counter()
+    files, fresh = generate_samples(chain, plan, out, settings, progress=options.progress)
+    t1 = time.perf_counter()
+
+    metrics = EvalMetrics(chain.pipe.C_x, i3d=options.i3d, fvd_samples=None).to(chain.pipe.device)
+    samples = list(zip((spec for batch in plan for spec in batch), files))
+    videos = []
+    for start in range(0, len(samples), options.batch_size):  # scored from the stored frames: reused == fresh
+        chunk = [(spec, load_sample(file), file in fresh) for spec, file in samples[start:start + options.batch_size]]
+        for spec, sample, regenerated in chunk:  # a regenerated sample rewrites its media, a reused one keeps them
+            videos.append(write_media(sample, out, sample_name(spec.index, spec.prompt), overwrite=regenerated))
+        stored = [sample for _, sample, _ in chunk]
+        frames = {name: torch.stack([from_uint8(s["frames"][name]) for s in stored]).to(chain.pipe.device)
+                  for name in stored[0]["frames"]}
+        metrics.update_generated(frames, [s["prompt"] for s in stored], final=stored[0]["final"], skip=options.skip)
+
+    skipped = {**chain.missing, **score_real_data(chain, metrics, real, settings, seed=options.seed)}
+    scores = metrics.results(skipped)
+    seconds = {"generation": round(t1 - t0, 1), "scoring": round(time.perf_counter() - t1, 1)}
+
+    ran = chain.pipe.stages_run(settings.stop_after)
+    result = {"metrics": scores, "videos": videos, "run": {
+        "generated": len(fresh), "reused": len(files) - len(fresh), "prompts": len(prompts),
+        "videos_per_prompt": options.videos_per_prompt, "stages": ran, "settings": asdict(settings),
+        "seed": options.seed, "checkpoints": chain.checkpoints,
+        "dtype": str(chain.pipe.dtype).removeprefix("torch."), "seconds": seconds,
+        "scored_frames": {"shapes/*, coherence/D_t, coherence/D_per_frame": "D_t's output (and the ablation's)",
+                          "coherence/up_F": "↑F's output (before SR)", "clipsim, fvd": f"the final output ({ran[-1]})"},
+    }}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    write_tensorboard(scores, out / "tb")
+    return result

@@ -1,0 +1,182 @@
+"""``EvalMetrics``: every score of an evaluation run, as torchmetrics (summed states, so DDP is exact)."""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+from torchmetrics.aggregation import MeanMetric, SumMetric
+
+from lightning_mav.evaluation.prompts import is_shapes_prompt
+from lightning_mav.metrics import CLIPSIM, FrechetVideoDistance, ShapesFaithfulness, TemporalCoherence
+
+NO_I3D = "not computed: no I3D weights (--i3d PATH)"
+
+_COHERENCE = ("D_t", "up_F", "D_per_frame")
+_PSNR = ("up_F", "SR_l", "SR_t", "SR_h")
+
+
+class EvalMetrics(nn.Module):
+    """Every score of an evaluation run, as torchmetrics (summed states: exact under DDP through their sync).
+
+    Args:
+        clip: the suite's CLIP (``pipe.C_x``) for CLIPSIM.
+        i3d: local I3D weights for FVD (a path, or a feature network); None: no FVD.
+        fvd_samples: FVD's videos per side (2048, the usual protocol; None counts all).
+
+    ``update_generated(Generated-like frames, prompts)``, ``update_fvd_real(videos)``, ``update_real_motion(videos)``,
+    ``update_psnr(stage, scores, n)``; :meth:`results` -> ``{name: {"value": float | str, "about": str}}``.
+    """
+
+    def __init__(self, clip: nn.Module, *, i3d: str | Path | nn.Module | None = None,
+                 fvd_samples: int | None = 2048) -> None:
+        super().__init__()
+        self.faithfulness = ShapesFaithfulness()
+        self.faithfulness_per_frame = ShapesFaithfulness()  # the ablation's: is a miss D's (text->image) or D_t's?
+        self.coherence = nn.ModuleDict({name: TemporalCoherence() for name in _COHERENCE})
+        self.coherence_real = TemporalCoherence()  # real clips at D_t's fps and size: the reference for motion
+        self.not_shapes = SumMetric()  # prompts the shapes metrics cannot score
+        self.clipsim = CLIPSIM(clip)
+        self.clip_name = str(getattr(clip, "model_name", type(clip).__name__))
+        self.fvd = None if i3d is None else FrechetVideoDistance(i3d, max_samples=fvd_samples)
+        self.psnr = nn.ModuleDict({stage: nn.ModuleDict({"ours": MeanMetric(), "baseline": MeanMetric()})
+                                   for stage in _PSNR})
+
+    # ------------------------------------------------------------------ updates
+    def update_generated(self, frames: dict[str, Tensor], prompts: Sequence[str], *, final: str,
+                         skip: int = 5) -> None:
+        """Score a batch of generated samples: ``frames[name]`` ``[B, 3, F, H, W]`` in [-1, 1] (see ``Generated``)."""
+        shapes = [is_shapes_prompt(p) for p in prompts]
+        self.not_shapes.update(float(len(shapes) - sum(shapes)))
+        if all(shapes):
+            self.faithfulness.update(frames["D_t"], prompts)
+            if "D_per_frame" in frames:
+                self.faithfulness_per_frame.update(frames["D_per_frame"], prompts)
+            for name in _COHERENCE:
+                if name in frames:
+                    self.coherence[name].update(frames[name])
+        self.clipsim.update(frames[final], prompts)
+        if self.fvd is not None:
+            self.fvd.update(fvd_frames(frames[final], skip if "up_F" in frames else 1), real=False)
+
+    def update_fvd_real(self, videos: Tensor) -> None:
+        """Real clips ``[B, 3, F, H, W]`` for FVD's reference side."""
+        if self.fvd is not None:
+            self.fvd.update(videos.to(self.fvd.device), real=True)  # I3D runs where the metric lives
+
+    def update_real_motion(self, videos: Tensor) -> None:
+        """Real clips ``[B, 3, F, H, W]`` at D_t's frame count, fps and size: coherence and speed of real objects."""
+        self.coherence_real.update(videos)
+
+    def update_psnr(self, stage: str, scores: dict[str, Tensor], n: int) -> None:
+        """One batch's ``interpolation_psnr`` / ``sr_psnr`` result, weighted by its ``n`` items."""
+        self.psnr[stage]["ours"].update(scores["psnr"].float(), weight=n)
+        self.psnr[stage]["baseline"].update(scores["baseline_psnr"].float(), weight=n)
+
+    # ------------------------------------------------------------------ results
+    def results(self, skipped: dict[str, str] | None = None) -> dict[str, dict[str, float | str]]:
+        """``{name: {"value", "about"}}``; ``skipped`` maps ``"up_F"``/``"SR_t"``/... to why they have no score.
+
+        Every rank must call this (the computes synchronise); which metrics are computed depends only on
+        ``skipped`` and on synchronised counts, so all ranks take the same path.
+        """
+        skipped = dict(skipped or {})
+        out: dict[str, dict[str, float | str]] = {}
+
+        def put(name: str, value: Any, about: str, reason: str | None = None) -> None:
+            if reason is None and value is not None and not math.isfinite(float(value)):
+                reason = "not computed: no samples"
+            out[name] = {"value": reason if reason is not None else float(value), "about": about}
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+            not_shapes = int(self.not_shapes.compute())
+            shapes_reason = (f"not computed: {not_shapes} prompt(s) are not Moving Shapes prompts" if not_shapes
+                             else None)
+            faith = self.faithfulness.compute()
+            where = "of D_t's frames (before ↑F and SR)"
+            for key, about in (("color", f"fraction {where} whose object has the prompt's colour (chance 1/8)"),
+                               ("shape", f"fraction {where} whose object has the prompt's shape (chance 1/3)"),
+                               ("size", f"fraction {where} whose object has the prompt's size (chance 1/3)"),
+                               ("all", f"fraction {where} with colour, shape and size all right")):
+                put(f"shapes/{key}", faith[key], about, shapes_reason)
+            faith_d = self.faithfulness_per_frame.compute()
+            for key in ("color", "shape", "size"):
+                put(f"shapes/D_per_frame/{key}", faith_d[key],
+                    f"ablation: shapes/{key} of D per frame (same prompts, y_e and noise): where D_t's frames lose "
+                    f"the prompt's {key}, D (text -> image) or the temporal fine-tuning", shapes_reason)
+            coherence = {name: self.coherence[name].compute() for name in _COHERENCE}
+            put("coherence/D_t", coherence["D_t"]["coherence"],
+                "temporal coherence of D_t's frames, 0-1: one object, stable colour and area, smooth path, moving, "
+                "steady background", shapes_reason)
+            put("coherence/D_t/smoothness", coherence["D_t"]["smoothness"],
+                "fraction of D_t's inner frames whose object path has no jump", shapes_reason)
+            put("coherence/D_t/background", coherence["D_t"]["background_stability"],
+                "fraction of D_t's frames whose background matches the video's (no switch or fade between the "
+                "data's black, gray and white)", shapes_reason)
+            put("coherence/D_per_frame", coherence["D_per_frame"]["coherence"],
+                "ablation: D per frame (D_t's U-Net, time=False; same prompts, y_e and noise) scored like D_t",
+                shapes_reason)
+            put("coherence/D_per_frame/smoothness", coherence["D_per_frame"]["smoothness"],
+                "ablation: smoothness of D per frame (an image model redraws the position every frame)",
+                shapes_reason)
+            put("coherence/gain", coherence["D_t"]["coherence"] - coherence["D_per_frame"]["coherence"],
+                "coherence of D_t minus D per frame: what the temporal layers add (the paper's claim: > 0)",
+                shapes_reason)
+            put("coherence/up_F", coherence["up_F"]["coherence"],
+                "temporal coherence of ↑F's interpolated frames (before SR)", skipped.get("up_F") or shapes_reason)
+            real_reason = shapes_reason or skipped.get("real")
+            real = None if real_reason else self.coherence_real.compute()
+            put("coherence/real", None if real is None else real["coherence"],
+                "temporal coherence of real validation clips (D_t's frame count, fps and size): the ceiling on this data",
+                real_reason)
+            speed = "median step of the object's centroid between frames (fraction of the frame side)"
+            put("motion/D_t/speed", coherence["D_t"]["speed"], f"{speed} in D_t's frames", shapes_reason)
+            put("motion/real/speed", None if real is None else real["speed"],
+                f"{speed} in real validation clips at the same fps", real_reason)
+            put("motion/speed_ratio", None if real is None else coherence["D_t"]["speed"] / real["speed"],
+                "motion/D_t/speed over motion/real/speed: 1 when D_t's objects move as fast as real ones, < 1 slower",
+                real_reason)
+
+            clip_about = (f"CLIPSIM (mean cosine of frame and prompt) of the final frames with the suite's own CLIP "
+                          f"({self.clip_name}, the C_x P was trained with) - not ViT-B/32, not the paper's scale")
+            try:
+                put("clipsim/suite_clip", self.clipsim.compute(), clip_about)
+            except RuntimeError:
+                put("clipsim/suite_clip", None, clip_about, "not computed: no samples")
+
+            fvd_about = "FVD of the final videos (D_t's frame times) against real validation clips; lower is better"
+            if self.fvd is None:
+                put("fvd", None, fvd_about, skipped.get("fvd", NO_I3D))
+            else:
+                try:
+                    report = self.fvd.report()
+                    put("fvd", report["fvd"], f"{fvd_about}; I3D {report['weights_source']} "
+                                              f"({report['num_real']} real, {report['num_fake']} generated)")
+                    put("fvd/num_real", report["num_real"], "real videos in FVD")
+                    put("fvd/num_generated", report["num_fake"], "generated videos in FVD")
+                except RuntimeError as e:
+                    put("fvd", None, fvd_about, skipped.get("fvd") or f"not computed: {e}")
+
+            names = {"up_F": ("interp", "↑F on held-out frames of real clips", "linear blend of the kept frames"),
+                     "SR_l": ("sr/SR_l", "SR_l on real validation images", "bicubic upsampling"),
+                     "SR_t": ("sr/SR_t", "SR_t on real validation clips", "bicubic upsampling"),
+                     "SR_h": ("sr/SR_h", "SR_h on real validation images", "bicubic upsampling")}
+            for stage, (prefix, what, baseline) in names.items():
+                reason = skipped.get(stage) or skipped.get(f"{stage}/data")
+                ours = None if reason else self.psnr[stage]["ours"].compute()
+                base = None if reason else self.psnr[stage]["baseline"].compute()
+                base_name = "linear_blend_psnr" if stage == "up_F" else "bicubic_psnr"
+                put(f"{prefix}/psnr", ours, f"PSNR (dB) of {what}", reason)
+                put(f"{prefix}/{base_name}", base, f"PSNR (dB) of the {baseline} on the same frames", reason)
+                put(f"{prefix}/gain", None if reason else ours - base,
+                    f"{prefix}/psnr minus {prefix}/{base_name} (dB): > 0 when {stage} beats the {baseline}", reason)
+        return out
+
+
+def fvd_frames(video: Tensor, skip: int) -> Tensor:
+    """The final frames at D_t's frame times (every ``skip``-th after ↑F): FVD's usual 16 frames, not 76."""
+    return video[:, :, ::skip]
