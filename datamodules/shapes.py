@@ -230,9 +230,8 @@ def encode_mp4(frames: Sequence[np.ndarray] | np.ndarray, fps: int, *, crf: int 
     """H.264 mp4 bytes of uint8 frames ``[T, H, W, 3]`` (H and W even) at a constant ``fps``.
 
     One keyframe per second by default, like typical web video, so seeking actually skips work.
-    Deterministic bytes: single-threaded x264 without MB-tree rate control. With MB-tree on, x264 encoded the same
-    YUV frames of these tiny videos to different bytes now and then (in most of 8 processes that encoded 16 clips
-    5 times; never in 11 without it).
+    Deterministic bytes: single-threaded x264 without MB-tree rate control, which otherwise encodes the same YUV
+    frames of these tiny videos to different bytes now and then (docs/choices.md#moving-shapes-deterministic-mp4-bytes).
     """
     frames = list(frames)
     height, width = frames[0].shape[:2]

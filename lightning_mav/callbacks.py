@@ -75,7 +75,8 @@ class ModelCheckpoint(LightningModelCheckpoint):
     Why: Lightning writes ``last.ckpt`` every ``every_n_train_steps`` and at the end of training only if it never
     wrote one, so a run whose ``max_steps`` is not a multiple of the interval ends with ``last.ckpt`` from before
     its last steps, and ``last.ckpt`` is what every child stage (``init_from``), the pipeline and the evaluation load:
-    the demo's D_t (360 steps, a checkpoint every 100) handed on its step-300 weights, ↑F (180) its step-100 ones.
+    a 360-step run with a checkpoint every 100 steps would hand on its step-300 weights
+    (docs/choices.md#checkpoints-the-final-step-is-saved).
     The extra save happens after the last optimizer step, as the periodic ones do: before ``EMAWeightAveraging``
     copies the average into the model at ``on_train_end``, so the checkpoint keeps both the average (``state_dict``)
     and the training weights (``current_model_state``) a resume with a larger ``max_steps`` needs.

@@ -29,8 +29,8 @@ def _elapsed(seconds: float) -> str:
 
 def demo_precision(precision: str = "auto") -> str:
     """The stages' ``trainer.precision``: ``auto`` = ``bf16-mixed`` where this machine computes bf16 natively (an
-    Ampere or later GPU, a CPU with AMX or AVX512-BF16: training steps 1.1-1.5x faster on 2-core Xeon and EPYC
-    machines), else ``32-true``."""
+    Ampere or later GPU, a CPU with AMX or AVX512-BF16: faster training steps, docs/choices.md#bf16-on-cpus),
+    else ``32-true``."""
     if precision != "auto":
         return precision
     return "bf16-mixed" if native_bf16("cuda" if torch.cuda.is_available() else "cpu") else "32-true"

@@ -2,9 +2,8 @@
 
 By default glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and unmaps
 it on free. Video activations are such tensors (a 64-frame D_t step holds dozens of 32-200 MiB tensors), so every
-step page-faults all of them in again and the kernel zeroes them: 7.6-9.4 s of system time in a 17.5-21 s CPU
-step at 64x64x64 (``benchmarks/RESULTS.md``, "Frame scaling": 18.9 -> 11.1 CPU-s per step with this setting, the
-pipeline's DDIM steps 1.8x faster). ``mallopt`` turns off mmap allocations and trimming, so freed blocks are reused.
+step page-faults all of them in again and the kernel zeroes them, a large share of a long step's time
+(docs/choices.md#allocator-mav_malloc). ``mallopt`` turns off mmap allocations and trimming, so freed blocks are reused.
 
 The price: the process keeps its peak heap for its lifetime (it does not hand freed memory back to the system),
 which is what a training or sampling process wants. ``MAV_MALLOC=default`` keeps glibc's defaults; the same effect

@@ -192,7 +192,7 @@ class MakeAVideoPipeline:
     Args:
         device: default CUDA when available.
         dtype: compute dtype; ``None``/"auto" = bfloat16 autocast where the device computes it natively (an Ampere or
-            later GPU, a CPU with AMX or AVX512-BF16: 1.4x faster sampling on a 2-core Xeon), float32 elsewhere.
+            later GPU, a CPU with AMX or AVX512-BF16: faster sampling, docs/choices.md#bf16-on-cpus), float32 elsewhere.
             Weights stay float32 (the samplers' arithmetic with them); only the networks' matmuls/convs run in
             ``dtype``.
     """

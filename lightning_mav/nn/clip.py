@@ -34,9 +34,9 @@ MAV_TINY: dict[str, Any] = {
     "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 4, "head_width": 32},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
 }
-# The same with open_clip's ModifiedResNet image tower: after 300 steps on Moving Shapes its y_e tells the shapes
-# apart (linear probe 0.72-0.79, the ViT's 0.45, chance 0.33) at 0.7x the ViT's step time. It is the demo's CLIP
-# (experiments/clip.yaml, with hard-negative captions: probe 0.93; README, "Choices").
+# The same with open_clip's ModifiedResNet image tower: its y_e tells the Moving Shapes shapes apart far better than
+# the ViT's, at a shorter step time. It is the demo's CLIP (experiments/clip.yaml, with hard-negative captions;
+# docs/choices.md#clip-mav-tiny-rn-and-hard-negatives).
 MAV_TINY_RN: dict[str, Any] = {
     "embed_dim": 128,
     "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 32},

@@ -1,13 +1,11 @@
 """What bf16 autocast runs in float32 instead, and why: two CPU kernels that are slower in bf16 than in fp32.
 
-On a CPU with bf16 instructions ``bf16-mixed`` makes convolutions and matmuls 2-4x faster (2 cores: 3x3 conv 140 ->
-600 GFLOP/s on a Xeon with AMX, 2048² GEMM 140 -> 377 GFLOP/s on an AMD EPYC with AVX512-BF16), but in torch 2.14 two
-CPU kernels go the other way: on the Xeon the flash-attention *backward* in bf16 is ~12x slower than in fp32 (1.3 ->
-15 ms a call in D's step) and bf16 GroupNorm's backward ~3x (0.55 -> 1.6 ms). With both in bf16 a D step gained
-1.04-1.14x; with both in fp32, 1.28-1.55x (``README``, "Speed and memory"). On the EPYC the attention's bf16 backward
-is 4x slower; its bf16 GroupNorm is faster as a kernel, but whole steps with it were not (D 0.95x, D_t 1.08x, SR_l
-0.93x). GroupNorm in fp32 is also ADM's ``GroupNorm32`` (statistics over many values want fp32); on CUDA autocast
-already runs group_norm in fp32 and attention keeps its bf16 flash kernels, so only the CPU path changes there.
+On a CPU with bf16 instructions ``bf16-mixed`` makes convolutions and matmuls several times faster, but in torch 2.14
+two CPU kernels go the other way: the flash-attention *backward* and (on AMX CPUs) GroupNorm's backward are slower in
+bf16 than in fp32, and whole steps were faster with both in fp32
+(docs/choices.md#attention-and-groupnorm-in-fp32-under-autocast). GroupNorm in fp32 is also ADM's ``GroupNorm32``
+(statistics over many values want fp32); on CUDA autocast already runs group_norm in fp32 and attention keeps its
+bf16 flash kernels, so only the CPU path changes there.
 
 - :func:`native_bf16`: whether a device computes bf16 natively, the choice of ``auto`` precision (demo, pipeline);
   :func:`cpu_bf16_isa` names the CPU's bf16 instructions.
@@ -28,8 +26,8 @@ from torch.overrides import TorchFunctionMode
 
 def cpu_bf16_isa() -> str | None:
     """This CPU's bf16 matmul instructions: ``"AMX-BF16"`` (tile units, Intel Sapphire Rapids on), ``"AVX512-BF16"``
-    (dot products in vector registers: AMD Zen 4 on, Intel Cooper Lake), or ``None``. AMX is the faster: a 2048² GEMM
-    ran 3x fp32's rate on a 2-core Xeon with AMX, 2.7x on a 2-core EPYC with AVX512-BF16 alone."""
+    (dot products in vector registers: AMD Zen 4 on, Intel Cooper Lake), or ``None``. AMX is the faster of the two
+    (docs/choices.md#bf16-on-cpus)."""
     caps = getattr(torch.cpu, "get_capabilities", dict)()
     return "AMX-BF16" if caps.get("amx_bf16") else "AVX512-BF16" if caps.get("avx512_bf16") else None
 

@@ -13,24 +13,16 @@ frame axis. The public ``forward`` of each layer also accepts ``[B, C, F, H, W]`
 unfolded on exit) and ``[B, C, H, W]`` images (temporal part skipped). The code works for both the contiguous
 (NCHW) and the ``channels_last`` memory format and keeps the format it is given.
 
-Temporal convolution: why one GEMM to the taps, then a shift-add
------------------------------------------------------------------
-Measured fwd+bwd on a ``[1,128,16,32,32]`` video, CPU fp32, 1 thread, CPU time (min of 15; the 2-core machine
-was shared so wall time was too noisy): ``Conv3d`` with a ``(3,1,1)`` kernel on native ``[B,C,F,H,W]`` 100 ms,
-the same Conv3d reached from the folded layout (2 copies) 105-107 ms, ``Conv1d`` after
-``rearrange((b f) c h w -> (b h w) c f)`` 132-138 ms (NCHW) / 99-101 ms (channels_last), one GEMM to ``3C``
-on the channels_last token view then shifting the three taps along frames 80 ms, time-im2col (concatenate the
-frames ``f-1, f, f+1`` on channels, one 1x1 conv) 88 ms in NCHW. Conv3d beats Conv1d-after-rearrange, and the
-two GEMM forms beat both without leaving the folded layout. Script: see the session report (``conv_layout*.py``).
-
-Between the two GEMM forms, memory decides: time-im2col keeps its ``3C``-channel input for the weight gradient
-(three activation copies per temporal conv), the taps form keeps only ``x``. With the shift-add written as one
-autograd function (``_ShiftAddTaps``: its backward writes the taps' gradient in one buffer, instead of three
-zero-filled slice gradients), the taps form is also as fast or faster: per layer (16 frames, fwd+bwd, 1 thread)
-1.31x at 64 ch 64², 1.27x at 128 ch 32², 1.10x at 256 ch 16², equal at 512 ch 8²; in the D_t training step
-(dim 64, mults 1-2-4-8, 16x64x64) step peak memory 3041 -> 2267 MiB and 25.3 -> 22.6 CPU-s (median of 3,
-``python -m benchmarks.train_step --full --ablations``, ``benchmarks/RESULTS.md``). So ``TemporalConv`` computes
-the taps with one GEMM (a 1x1 conv in NCHW, a linear layer on the token view in channels_last) in both formats.
+Temporal convolution: one GEMM to the taps, then a shift-add
+------------------------------------------------------------
+``TemporalConv`` computes the three taps with one GEMM (a 1x1 conv in NCHW, a linear layer on the token view in
+channels_last) and adds them shifted along frames. Both GEMM forms (this one and time-im2col, which concatenates the
+frames ``f-1, f, f+1`` on channels for one 1x1 conv) beat ``Conv3d`` and ``Conv1d`` after a rearrange without leaving
+the folded layout; between the two, memory decides: time-im2col keeps its ``3C``-channel input for the weight
+gradient (three activation copies per temporal conv), the taps form keeps only ``x``. With the shift-add written as
+one autograd function (``_ShiftAddTaps``: its backward writes the taps' gradient in one buffer, instead of three
+zero-filled slice gradients) the taps form is also as fast or faster (docs/choices.md#conv_p3d-one-gemm-to-the-taps;
+``python -m benchmarks.train_step --full --ablations`` re-measures it against time-im2col).
 
 Padding: zero 'same' padding. Both zero and replicate padding give the exact identity at init (the off-centre
 taps are exactly zero, so whatever is padded is multiplied by 0); zero padding is what both GEMM forms get for
@@ -334,8 +326,8 @@ class TemporalAttention(nn.Module):
         n, c, h, w = x.shape
         f, hd, d = num_frames, self.heads, self.dim_head
         b = n // f
-        # one copy into per-pixel sequences [(B H W), F, C]; measured as fast as strided SDPA on the
-        # token view (80 vs 77 ms at [2,128,16,16,16]) and it works for both memory formats
+        # one copy into per-pixel sequences [(B H W), F, C]: as fast as strided SDPA on the token view, and it
+        # works for both memory formats (docs/choices.md#conv_p3d-one-gemm-to-the-taps)
         seq = x.view(b, f, c, h * w).permute(0, 3, 1, 2).reshape(b * h * w, f, c)
         q, k, v = self.to_qkv(self.norm(seq)).view(b * h * w, f, 3, hd, d).permute(2, 0, 3, 1, 4)
         q, k = self.rotary(q), self.rotary(k)

@@ -110,10 +110,8 @@ class Upsample(nn.Module):
     of the low-resolution input, through a 2x2 kernel made of sums of the 3x3 kernel's taps. One conv with those
     ``4 * C_out`` 2x2 kernels on the low-resolution frames then does the work in 16 instead of 36 multiply-adds per
     low-resolution pixel and channel pair (2.25x fewer FLOPs), the same function up to float rounding, the same
-    parameters (``conv.spatial`` stays a 3x3 ``nn.Conv2d``). Measured fwd+bwd, 16 frames, 1 thread, CPU time:
-    128 ch 32->64 1.22 s -> 0.74 s, 256 ch 16->32 0.97 s -> 0.69 s, 512 ch 8->16 0.84 s -> 0.86 s (equal); the
-    matched D_t step (16x64x64) does 1401 -> 1316 GFLOP (``python -m benchmarks.train_step --full --ablations``,
-    ``benchmarks/RESULTS.md``).
+    parameters (``conv.spatial`` stays a 3x3 ``nn.Conv2d``); faster except at the smallest sizes
+    (docs/choices.md#upsample-sub-pixel-form; ``python -m benchmarks.train_step --full --ablations``).
     """
 
     def __init__(self, ch: int, temporal: bool) -> None:
@@ -220,8 +218,8 @@ class UNet(nn.Module):
         num_image_tokens: ``K``, the context tokens projected from ``y_e`` (unCLIP uses 4).
         image_embed_scale: multiplies ``y_e`` (and its learned null) before the projections; ``"unit_rms"``:
             by ``D**0.5``. An L2-normalised ``y_e`` has entries of RMS ``D**-0.5`` (0.09 at D = 128), which the
-            projections, initialised for unit-RMS inputs, barely pass on; with ``"unit_rms"`` the demo's D drew
-            the shape of true embeddings far more often after the same 1500 steps (README, "Choices"). 1.0 = as
+            projections, initialised for unit-RMS inputs, barely pass on; with ``"unit_rms"`` the demo's D draws
+            the embedding's shape far more often (docs/choices.md#d-image_embed_scale-unit_rms). 1.0 = as
             given (the default, which every checkpoint saved without the key was trained with).
         text_dim: width of the text hidden states used as context tokens, or ``None``.
         cond_dim: width of the context tokens (default: the time-embedding width ``4 * dim``).
@@ -233,13 +231,10 @@ class UNet(nn.Module):
         dropout: dropout in the res blocks.
         checkpointing: recompute each block in the backward pass (``torch.utils.checkpoint``) to save memory.
         channels_last: keep activations in ``channels_last`` memory format. It makes the attention token
-            views free and the temporal conv a plain GEMM, but CPU GroupNorm is ~2x slower in it and the 3x3 convs
-            are equal; measured D_t fwd+bwd (dim 32, mults 1-2-4-8, F=8, 1 CPU thread, CPU time): 64x64 with
-            attention at the last level NCHW 3.18 s vs channels_last 3.24 s; 32x32 with attention at levels
-            1-3 1.31 s vs 1.29 s. With the 2 threads of the demo's CPU and its small U-Nets it pays: training steps
-            D 1.09x, SR_l / SR_h 1.08-1.09x, D_t 1.05x, ↑F 0.94x, SR_t 1.02x; sampling D 1.05x, D_t 1.17x,
-            SR_l 1.15x (2026-12-03, median of 7 interleaved steps), so the demo's D and SR YAMLs turn it on (children
-            inherit it). Off by default; unmeasured on GPU (cuDNN prefers NHWC).
+            views free and the temporal conv a plain GEMM, but CPU GroupNorm is slower in it and the 3x3 convs
+            are equal: a wash on one thread, faster steps with the 2 threads of the demo's CPU and its small
+            U-Nets, so the demo's D and SR YAMLs turn it on (children inherit it; docs/choices.md#channels_last).
+            Off by default; unmeasured on GPU (cuDNN prefers NHWC).
         norm_groups: GroupNorm groups.
         max_frames: see ``p3d.RotaryEmbedding`` (not a hard limit).
     """

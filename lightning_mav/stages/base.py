@@ -295,8 +295,8 @@ class StageBase(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW over the trainable parameters + per-step linear warm-up, then ``lr_schedule``.
 
-        Fused AdamW on CUDA and on the CPU (one kernel per step): for D_t's 87M parameters on the CPU 0.10 s per
-        optimizer step vs 0.37 s foreach (``benchmarks/RESULTS.md``); foreach for devices without a fused kernel,
+        Fused AdamW on CUDA and on the CPU (one kernel per step, several times faster than foreach on the CPU:
+        docs/choices.md#fused-adamw); foreach for devices without a fused kernel,
         and under ``16-mixed`` with gradient clipping: a fused optimizer unscales the gradients inside its own step,
         so Lightning cannot clip them first and refuses the combination (fp16 GPUs: V100, T4).
         """
@@ -449,9 +449,8 @@ def resolve_pixel_diffusion(config: dict[str, Any]) -> dict[str, Any]:
 
     ``objective: v``: the cosine schedule ends at ᾱ_T ≈ 0 and sampling starts at t = T-1 (trailing spacing), where an
     eps-prediction says nothing about x0 (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps Are
-    Flawed", §3.2); measured on the demo's D (600 steps), DDIM samples from eps were noise over faint shapes, from v
-    clean images. ``min_snr_gamma: 5`` (Min-SNR-γ weighting, Hang et al. 2023): on the demo's SR_l (400 steps,
-    lr 1e-3) DDIM samples were noise without it and the upsampled shapes with it. ``clip_sample: 1.0``: pixels live
+    Flawed", §3.2). ``min_snr_gamma: 5`` (Min-SNR-γ weighting, Hang et al. 2023): the nearly clean timesteps no
+    longer crowd out the noisy ones (docs/choices.md#v-objective-and-min-snr). ``clip_sample: 1.0``: pixels live
     in [-1, 1].
     """
     config.setdefault("objective", "v")

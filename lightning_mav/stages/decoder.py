@@ -51,7 +51,8 @@ class DecoderStage(StageBase):
         per_frame_below: D_t's videos: below this fraction of the noise schedule (timestep ``t < per_frame_below *
             T``) the sampler denoises every frame on its own, temporal layers and fps off, so that the temporal
             layers lay out a coherent video and D's spatial layers finish each frame. 0 (the paper): never. For
-            a briefly trained D_t, whose temporal convolutions blur the shapes D draws (README, "Choices").
+            a briefly trained D_t, whose temporal convolutions blur the shapes D draws
+            (docs/choices.md#d_t-per_frame_below).
         options: the options every stage shares (lr, weight_decay, betas, warmup_steps, lr_schedule,
             media_batch_size, media_seed, nonfinite): see :class:`StageBase`.
     """

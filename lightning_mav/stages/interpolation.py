@@ -14,16 +14,14 @@ and the diffusion loss is taken on the *unknown* frames only (``loss_on_known=Fa
 the known frames are written back into ``x_t`` at every step (noised to the step's level, exactly how they look in
 training) and into the result, so the network's output there is never used. Counting them would reward a copy task
 (trivial given the clean frame in the extra channels) and, with 15 of 16 frames known in a long extrapolation mask,
-would dilute the gradient of the frames that matter. Measured on Moving Shapes (8 px clips of 5 frames, every 2nd
-known, 500 steps from scratch): 24.0 dB PSNR on held-out in-between frames with the unknown-only loss, 23.4 dB
-with every frame counted (which only learns faster in the first ~100 steps, while the copy path is being built).
+would dilute the gradient of the frames that matter (docs/choices.md#f-loss-on-the-unknown-frames-only).
 
 ``residual=True`` (the default) diffuses the difference between the clip and the linear blend of its known frames
 (:func:`linear_blend`), as the SR stages diffuse the detail over bicubic upsampling: the network adds what the blend
 gets wrong (an object that moves instead of cross-fading) instead of redrawing the frame, and the known frames are
-exactly 0 in that space. On the demo (180 steps from D_t, 8 real validation clips at skip 5) held-out frames
-scored 24.6 dB PSNR instead of 16.8 dB, and the coherence of ↑F's generated frames rose from 0.71 to 0.96; the linear
-blend itself scores 29.5 dB there. ``residual=False`` diffuses the frames themselves (then ↑F at init is D_t).
+exactly 0 in that space: a briefly trained ↑F scores far better on held-out frames than one that diffuses the frames
+(docs/choices.md#f-residual-over-the-linear-blend). ``residual=False`` diffuses the frames themselves (then ↑F at
+init is D_t).
 
 Inference: :meth:`InterpolationStage.interpolate` takes ``F`` frames to ``(F - 1)·skip + 1`` (16 -> 76 at the paper's
 skip 5) by tiling it with windows of the trained length that start and end on known frames (a 16-frame window holds 4

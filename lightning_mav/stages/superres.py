@@ -9,8 +9,8 @@ sampling time the network tolerates the artefacts of the stage below, which is t
 ``residual=True`` (the default) diffuses the *residual* over bicubic upsampling, ``x0 - bicubic(lowres)``, not the
 high-res image itself (as SRDiff, Li et al. 2022): the network only has to add the detail the interpolation
 misses, so an undertrained or briefly fine-tuned SR stage degrades gracefully towards bicubic instead of
-re-drawing the whole image (on the demo's SR_l / SR_h, a few hundred steps each, held-out PSNR rose from 23-24 dB
-to 30-32 dB; README). The upsampled base is the clean low-res input, the U-Net still sees the noise-augmented one.
+re-drawing the whole image (docs/choices.md#sr-stages-residual-over-bicubic). The upsampled base is the clean
+low-res input, the U-Net still sees the noise-augmented one.
 A child (``init_from``) keeps its parent's choice unless it sets its own.
 
 SR_h is the paper's frame-wise super-resolution: trained on images (random ``crop_size`` crops of the high-res
