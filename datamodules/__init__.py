@@ -1,7 +1,9 @@
 """WebDataset DataModules: text-image pairs (img2dataset layout) and unlabeled video (video2dataset layout).
 
 - ``TextImageDataModule`` / ``VideoDataModule``: the two DataModules (``text_image.py``, ``video.py``).
-- ``shards``: URLs, splitting across ranks and workers, skip counting (``SkipTally``), the shared base.
+- ``shards``: splitting across ranks and workers, the streams and loaders, the shared base.
+- ``tars``: shard URLs and reading tar shards into samples.
+- ``skips``: skip counting (``SkipTally``).
 - ``decode``: PyAV clip sampling and PIL image decoding.
 - ``shapes``: the built-in Moving Shapes dataset (``mav data --out DIR``).
 
@@ -18,8 +20,8 @@ _EXPORTS = {
     "TextImageDataModule": "datamodules.text_image",
     "VideoDataModule": "datamodules.video",
     "ShardDataModule": "datamodules.shards",
-    "SkipTally": "datamodules.shards",
-    "expand_urls": "datamodules.shards",
+    "SkipTally": "datamodules.skips",
+    "expand_urls": "datamodules.tars",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,20 +1,11 @@
-"""Shared WebDataset machinery: shard URLs, rank/worker splitting, skip counting, the streams and loaders.
+"""Shared WebDataset machinery: rank/worker splitting, the streams and loaders.
 
-Read top to bottom:
+Shards are found and read into samples in ``datamodules.tars`` (URLs, tar reading); skipped samples are
+counted in ``datamodules.skips`` (``SkipCounter``, ``SkipTally``). Read top to bottom:
 
-1. **Skip counting** — ``SkipCounter`` (one per dataset copy, i.e. per worker process) counts every skipped
-   or repaired sample by reason; each batch carries a snapshot under ``batch["data_skipped"]``;
-   ``SkipTally`` sums the latest snapshot of every worker into totals (``data/skipped/<reason>``).
-   Errors are never handled with webdataset's ``warn_and_continue`` (it sleeps 0.5 s per error).
-2. **URLs** — ``expand_urls``: brace patterns, ``::``-separated lists, Python lists, local files,
-   directories and globs, remote URLs (``https://``, ``gs://`` through webdataset's ``gopen``; ``s3://`` and
-   any other fsspec scheme through fsspec). ``pipe:`` URLs run shell commands and are refused unless
-   ``allow_pipe=True``.
-3. **Reading** — ``read_samples``: tar members grouped into samples (``{"__key__", "__url__", ext: bytes}``),
-   a truncated or unreadable shard counted once and the stream moved on.
-4. **Splitting** — ``Slot`` (rank, world size, worker, workers). Rank and world size come from
+1. **Splitting** — ``Slot`` (rank, world size, worker, workers). Rank and world size come from
    ``torch.distributed`` when it is initialised, else from the trainer, else from ``RANK``/``WORLD_SIZE``.
-5. **Streams** — ``ShardStream`` yields whole batches from inside the worker:
+2. **Streams** — ``ShardStream`` yields whole batches from inside the worker:
 
    - *training*: shards resampled with replacement (webdataset's ``resampled=True`` semantics), split by node,
      samples shuffled in a buffer; every random choice comes from ``Random(seed, rank, worker, epoch)``, so
@@ -26,265 +17,35 @@ Read top to bottom:
      at set-up and every worker pads its last batches up to its planned count with padding samples marked
      ``batch["valid"] == False``. Nothing is trimmed, except samples beyond the set-up count (a shard that grew,
      or a remote one whose count broke off), which are counted as ``eval_overflow``.
-6. **Loader** — ``ShardLoader``: webdataset's ``WebLoader`` that also advances the stream's epoch, and a
+3. **Loader** — ``ShardLoader``: webdataset's ``WebLoader`` that also advances the stream's epoch, and a
    ``ShardDataModule`` base with Lightning's ``prepare_data`` / ``setup`` contract.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import logging
 import math
 import os
-import posixpath
 import random
-import tarfile
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import IO, Any, Protocol
-from urllib.parse import urlparse
 
-import braceexpand
 import pytorch_lightning as pl
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset
-from webdataset.gopen import gopen, gopen_schemes
+
+from datamodules.skips import SKIP_KEY, SkipCounter
+from datamodules.tars import Sample, count_samples, expand_urls, open_shard, read_samples
 
 log = logging.getLogger(__name__)
 
-SKIP_KEY = "data_skipped"
-Sample = dict[str, Any]
 
-
-# --------------------------------------------------------------------------------------------- 1. counting
-class SkipCounter:
-    """Cumulative counts of skipped (and repaired, ``repaired_*``) samples in *this process*, by reason.
-
-    A dataset holds one; each DataLoader worker works on its own copy. When the copy lands in a new process
-    (fork or spawn) the counts restart from zero under a fresh ``source`` id, so ``SkipTally`` can add the
-    workers up without counting the parent's numbers twice.
-    """
-
-    def __init__(self) -> None:
-        self._pid: int | None = None
-        self._source = ""
-        self._counts: dict[str, int] = {}
-
-    def _claim(self) -> None:
-        if self._pid != os.getpid():
-            self._pid, self._source, self._counts = os.getpid(), f"{os.getpid()}-{uuid.uuid4().hex[:8]}", {}
-
-    def add(self, reason: str, detail: str = "") -> None:
-        """Count one event; the first of each reason in a process is logged with its detail."""
-        self._claim()
-        if reason not in self._counts:
-            what = "repaired a sample" if reason.startswith("repaired_") else "skipped"
-            log.warning("data: %s (%s) %s; further ones are only counted", what, reason, detail[:300])
-        self._counts[reason] = self._counts.get(reason, 0) + 1
-
-    def total(self) -> int:
-        self._claim()
-        return sum(self._counts.values())
-
-    def snapshot(self) -> dict[str, Any]:
-        """``{"source": str, "counts": {reason: int}}`` — what a batch carries under ``SKIP_KEY``."""
-        self._claim()
-        return {"source": self._source, "counts": dict(self._counts)}
-
-
-class SkipTally:
-    """Totals of skip counts across the workers whose batches this process has seen.
-
-    ``SkipTally().update(batch) -> {reason: total}``: batches carry their worker's *cumulative* counts, so the
-    tally keeps the latest snapshot per worker and sums them (nothing is counted twice, nothing lost when a
-    worker is replaced by a new one at the next epoch). Per rank; sum across ranks when logging.
-    """
-
-    def __init__(self) -> None:
-        self._latest: dict[str, dict[str, int]] = {}
-
-    def update(self, batch: dict[str, Any]) -> dict[str, int]:
-        info = batch.get(SKIP_KEY) if isinstance(batch, dict) else None
-        if info:
-            self._latest[info["source"]] = dict(info["counts"])
-        return self.totals()
-
-    def totals(self) -> dict[str, int]:
-        totals: dict[str, int] = {}
-        for counts in self._latest.values():
-            for reason, n in counts.items():
-                totals[reason] = totals.get(reason, 0) + int(n)
-        return dict(sorted(totals.items()))
-
-
-# ------------------------------------------------------------------------------------------------- 2. URLs
-_GLOB_CHARS = set("*?[")
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-
-
-def _is_local(url: str) -> bool:
-    return urlparse(url).scheme in ("", "file")
-
-
-def _local_path(url: str) -> str:
-    return urlparse(url).path if url.startswith("file:") else url
-
-
-def expand_urls(urls: str | Sequence[str], *, allow_pipe: bool = False) -> list[str]:
-    """Expand shard specs into a flat list of shard URLs (order kept, as written or sorted for globs).
-
-    ``urls``: ``"a/{000000..000009}.tar"``, ``"x.tar::y.tar"``, a list of such strings, a local directory (its
-    ``*.tar`` files; img2dataset's ``.parquet`` / ``_stats.json`` side files are ignored), a local glob, or
-    remote URLs (``https://``, ``gs://``, ``s3://``...). Raises ``ValueError`` for ``pipe:`` URLs unless
-    ``allow_pipe`` and when nothing is found; ``FileNotFoundError`` for a local shard that does not exist.
-    """
-    specs = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
-    out: list[str] = []
-    for spec in specs:
-        for part in str(spec).split("::"):
-            for url in braceexpand.braceexpand(part.strip()):
-                out.extend(_expand_one(url, allow_pipe=allow_pipe))
-    if not out:
-        raise ValueError(f"no shards found for urls={urls!r}")
-    return out
-
-
-def _expand_one(url: str, *, allow_pipe: bool) -> list[str]:
-    if url.startswith("pipe:"):
-        if not allow_pipe:
-            raise ValueError(f"refusing shard URL {url!r}: 'pipe:' URLs run shell commands; set "
-                             f"`allow_pipe: true` in the data config if you really want that")
-        return [url]
-    if not _is_local(url):
-        return [url]
-    path = os.path.expanduser(_local_path(url))
-    if os.path.isdir(path):
-        found = sorted(p for p in glob.glob(os.path.join(path, "*")) if p.endswith(TAR_SUFFIXES))
-        if not found:
-            raise FileNotFoundError(f"no .tar shards in directory {path!r}")
-        return found
-    if _GLOB_CHARS & set(path):
-        found = sorted(p for p in glob.glob(path) if p.endswith(TAR_SUFFIXES))
-        if not found:
-            raise FileNotFoundError(f"no .tar shards match {path!r}")
-        return found
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"shard not found: {path!r}")
-    return [path]
-
-
-def open_shard(url: str) -> IO[bytes]:
-    """A readable binary stream for one shard: local files and webdataset's schemes via ``wds.gopen``
-    (``https://`` uses curl, ``gs://`` gsutil), other schemes (``s3://``, ``az://``...) via fsspec."""
-    scheme = urlparse(url).scheme
-    if scheme in ("", "file") or scheme in gopen_schemes:
-        return gopen(_local_path(url) if scheme == "file" else url, "rb")
-    import fsspec  # only needed for object stores; s3:// needs s3fs installed
-
-    return fsspec.open(url, "rb").open()
-
-
-# ---------------------------------------------------------------------------------------------- 3. reading
-def _split_name(name: str) -> tuple[str, str] | None:
-    """``dir/KEY.ext.more`` -> (``dir/KEY``, ``ext.more``): webdataset's rule, the key ends at the first dot."""
-    directory, base = posixpath.split(name)
-    if "." not in base or base.startswith("."):
-        return None
-    stem, ext = base.split(".", 1)
-    return posixpath.join(directory, stem), ext.lower()
-
-
-def iter_tar(url: str, counter: SkipCounter, opener: Callable[[str], IO[bytes]] = open_shard) -> Iterator[Sample]:
-    """Samples of one shard: ``{"__key__", "__url__", ext: bytes}`` for consecutive members sharing a key.
-
-    A shard that cannot be opened counts ``open_error``; one that ends mid-member counts ``truncated_tar``
-    (the sample being read is dropped); other tar damage counts ``tar_error``. Either way iteration just ends.
-    A member name repeated within a sample marks it ``__duplicate__`` (the decoder skips it).
-    """
-    try:
-        stream = opener(url)
-    except Exception as exn:
-        counter.add("open_error", f"{url}: {exn!r}")
-        return
-    current: Sample | None = None
-    try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                parts = _split_name(member.name)
-                if parts is None or posixpath.basename(parts[0]).startswith("__"):
-                    continue  # no extension, or webdataset metadata (__*__)
-                key, ext = parts
-                if current is None or current["__key__"] != key:
-                    if current is not None:
-                        yield current  # complete: a new key starts (before reading on, which may fail)
-                    current = {"__key__": key, "__url__": url}
-                fileobj = tar.extractfile(member)
-                data = fileobj.read() if fileobj is not None else b""
-                if len(data) != member.size:
-                    raise tarfile.ReadError("unexpected end of data")
-                if ext in current:
-                    current["__duplicate__"] = True
-                current[ext] = data
-        if current is not None:
-            yield current
-    except Exception as exn:  # tarfile.ReadError, EOFError, zlib/gzip errors, network errors from the stream
-        message = str(exn).lower()
-        truncated = isinstance(exn, EOFError) or "unexpected end" in message or "truncated" in message
-        counter.add("truncated_tar" if truncated else "tar_error", f"{url}: {exn!r}")
-    finally:
-        try:
-            stream.close()
-        except Exception:  # a curl pipe reports its exit status on close; the shard was already counted
-            pass
-
-
-def read_samples(urls: Iterable[str], counter: SkipCounter, *, max_empty_shards: int | None = None,
-                 opener: Callable[[str], IO[bytes]] = open_shard) -> Iterator[Sample]:
-    """Samples of every shard in ``urls`` in order. With ``max_empty_shards``, raise once that many
-    consecutive shards gave nothing (an infinite resampled stream over dead shards must not spin forever)."""
-    empty = 0
-    for url in urls:
-        produced = False
-        for sample in iter_tar(url, counter, opener):
-            produced = True
-            yield sample
-        empty = 0 if produced else empty + 1
-        if max_empty_shards is not None and empty >= max_empty_shards:
-            raise RuntimeError(f"{empty} consecutive shards gave no samples (last: {url}); skip counts: "
-                               f"{counter.snapshot()['counts']}")
-
-
-def count_samples(url: str, required: Sequence[str], opener: Callable[[str], IO[bytes]] = open_shard) -> int:
-    """How many keys in a shard have a member with one of the ``required`` extensions (headers only for
-    local files; a remote shard is streamed). Damaged shards count what is readable."""
-    keys: set[str] = set()
-    try:
-        if _is_local(url):
-            tar = tarfile.open(_local_path(url), mode="r:*")  # random access: reads headers, seeks over data
-            stream = None
-        else:
-            stream = opener(url)
-            tar = tarfile.open(fileobj=stream, mode="r|*")
-        with tar:
-            for member in tar:
-                parts = _split_name(member.name) if member.isreg() else None
-                if parts is not None and parts[1] in required:
-                    keys.add(parts[0])
-        if stream is not None:
-            stream.close()
-    except Exception:  # counted as skips when the shard is actually read; padding covers the difference
-        pass
-    return len(keys)
-
-
-# -------------------------------------------------------------------------------------------- 4. splitting
+# -------------------------------------------------------------------------------------------- 1. splitting
 @dataclass(frozen=True)
 class Slot:
     """Where a stream runs: ``rank`` of ``world_size`` processes, DataLoader ``worker`` of ``num_workers``."""
@@ -365,7 +126,7 @@ class EvalPlan:
         return cls(tuple(tuple(row) for row in table), target)
 
 
-# ----------------------------------------------------------------------------------------------- 5. streams
+# ----------------------------------------------------------------------------------------------- 2. streams
 class SampleCodec(Protocol):
     """What a DataModule plugs into ``ShardStream``: decode one raw sample, make padding, name its files."""
 
@@ -494,7 +255,7 @@ class ShardStream(IterableDataset):
         return batch
 
 
-# ------------------------------------------------------------------------------------------------ 6. loader
+# ------------------------------------------------------------------------------------------------ 3. loader
 class ShardLoader(wds.WebLoader):
     """webdataset's ``WebLoader`` around a ``ShardStream`` (batching happens in the workers: ``batch_size=None``).
 

@@ -10,7 +10,7 @@ Batch (``B`` = batch size, ``S`` = ``image_size``)::
      "caption": list[str],            # never empty
      "key":     list[str],            # "" for padding samples
      "valid":   BoolTensor[B],        # False only for evaluation padding (see shards.ShardStream)
-     "data_skipped": {"source": str, "counts": {reason: int}}}   # for shards.SkipTally
+     "data_skipped": {"source": str, "counts": {reason: int}}}   # for skips.SkipTally
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from typing import Any
 import torch
 
 from datamodules.decode import IMAGE_EXTENSIONS, Crop, SampleError, decode_caption, decode_image, to_float
-from datamodules.shards import Sample, ShardDataModule, SkipCounter
+from datamodules.shards import ShardDataModule
+from datamodules.skips import SkipCounter
+from datamodules.tars import Sample
 
 
 class TextImageCodec:

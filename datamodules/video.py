@@ -14,7 +14,7 @@ Batch (``B`` batch, ``F`` = ``num_frames``, ``S`` = ``video_size``)::
      "caption": list[str],             # "" when the sample has none
      "key":     list[str],             # "" for padding samples
      "valid":   BoolTensor[B],         # False only for evaluation padding (see shards.ShardStream)
-     "data_skipped": {"source": str, "counts": {reason: int}}}   # for shards.SkipTally
+     "data_skipped": {"source": str, "counts": {reason: int}}}   # for skips.SkipTally
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from typing import Any
 import torch
 
 from datamodules.decode import Crop, SampleError, decode_caption, decode_clip, to_float
-from datamodules.shards import Sample, ShardDataModule, SkipCounter
+from datamodules.shards import ShardDataModule
+from datamodules.skips import SkipCounter
+from datamodules.tars import Sample
 
 
 class VideoCodec:

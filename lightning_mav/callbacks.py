@@ -232,7 +232,7 @@ class SkipCountLogger(Callback):
     """
 
     def __init__(self) -> None:
-        from datamodules.shards import SkipTally
+        from datamodules.skips import SkipTally
 
         self.tally = SkipTally()
 

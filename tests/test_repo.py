@@ -75,3 +75,16 @@ def test_no_import_circle_among_the_package_modules() -> None:
     for name in sorted(graph):
         circle = circle_from(name, [name])
         assert circle is None, " -> ".join(circle)
+
+
+def test_readme_networks_table_is_the_registry() -> None:
+    from lightning_mav.networks import NETWORKS
+
+    section = (ROOT / "README.md").read_text().split("## The networks and their stages", 1)[1].split("\n\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert len(rows) == len(NETWORKS)
+    for network, row in zip(NETWORKS, rows):  # in the registry's (training) order
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0].startswith(f"`{network.paper}`"), (network.key, row)
+        assert cells[2] == f"`{network.module.removeprefix('lightning_mav.')}`", (network.key, row)
+        assert cells[3] == f"`experiments/{network.run}.yaml`" and cells[4] == network.trained_on, (network.key, row)

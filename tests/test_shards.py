@@ -21,10 +21,9 @@ import torch.multiprocessing as mp
 import webdataset as wds
 from PIL import Image
 
-from datamodules.shards import (
-    SKIP_KEY, EvalPlan, ShardLoader, ShardStream, SkipCounter, SkipTally, Slot, expand_urls, iter_tar, mix_seed,
-    resolve_rank,
-)
+from datamodules.shards import EvalPlan, ShardLoader, ShardStream, Slot, mix_seed, resolve_rank
+from datamodules.skips import SKIP_KEY, SkipCounter, SkipTally
+from datamodules.tars import expand_urls, iter_tar
 from datamodules.text_image import TextImageCodec, TextImageDataModule
 
 SHARD_SIZES = (5, 1, 3, 2, 4, 6)  # uneven on purpose: ranks and workers get different amounts

@@ -15,7 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from datamodules.decode import SampleError, decode_caption, decode_image, to_float
-from datamodules.shards import SkipTally
+from datamodules.skips import SkipTally
 from datamodules.text_image import TextImageDataModule
 
 

@@ -15,7 +15,7 @@ import webdataset as wds
 from datamodules import decode as decode_module
 from datamodules.decode import SampleError, decode_clip, plan_clip
 from datamodules.shapes import encode_mp4
-from datamodules.shards import SkipTally
+from datamodules.skips import SkipTally
 from datamodules.video import VideoDataModule
 
 NATIVE_FPS = 30

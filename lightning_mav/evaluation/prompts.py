@@ -30,7 +30,8 @@ def class_prompts(path: str | Path, template: str = UCF_TEMPLATE) -> list[str]:
 def caption_prompts(urls: str, limit: int | None = None) -> list[str]:
     """Distinct captions (``KEY.txt`` members) of WebDataset shards, in shard order: ``"data/images/val-*.tar"``."""
     from datamodules.decode import SampleError, decode_caption
-    from datamodules.shards import SkipCounter, expand_urls, read_samples
+    from datamodules.skips import SkipCounter
+    from datamodules.tars import expand_urls, read_samples
 
     seen: dict[str, None] = {}
     for sample in read_samples(expand_urls(urls), SkipCounter()):

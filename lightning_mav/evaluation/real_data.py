@@ -26,7 +26,8 @@ def real_batches(urls: str, kind: str, *, size: int, limit: int, batch_size: int
     nearest rate the native one allows); ``kind="images"``: ``(images [B, 3, S, S], None, keys)``. Values in
     [-1, 1]; ``keys`` are the samples' shard keys.
     """
-    from datamodules.shards import ShardStream, expand_urls, resolve_rank
+    from datamodules.shards import ShardStream, resolve_rank
+    from datamodules.tars import expand_urls
     from datamodules.text_image import TextImageCodec
     from datamodules.video import VideoCodec
 
@@ -52,7 +53,7 @@ def real_batches(urls: str, kind: str, *, size: int, limit: int, batch_size: int
 
 def _shards_reason(urls: str, what: str) -> str | None:
     """None when ``urls`` names shards, else why the scores that need them are not computed."""
-    from datamodules.shards import expand_urls
+    from datamodules.tars import expand_urls
 
     try:
         expand_urls(urls)
