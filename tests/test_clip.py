@@ -11,6 +11,9 @@ import torch
 from open_clip.transformer import text_global_pool
 
 from lightning_mav.nn.clip import CLIP
+from tests.helpers import SHAPE_CAPTIONS, caption_batch, fit, fit_batches, tiny_clip_cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 CAPTIONS = [
     "a small red circle moving",
@@ -21,15 +24,8 @@ CAPTIONS = [
 
 
 def tiny_cfg(custom_text: bool = False) -> dict:
-    """A CLIP small enough to build and run in milliseconds (same BPE vocabulary as every open_clip CLIP)."""
-    cfg = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-    }
-    if custom_text:
-        cfg["custom_text"] = True  # -> open_clip.CustomTextCLIP (text tower under .text)
-    return cfg
+    """A CLIP small enough to build and run in milliseconds: 32 px images, 16 tokens, a 2-layer text tower."""
+    return tiny_clip_cfg(embed_dim=32, image_size=32, context_length=16, text_layers=2, custom_text=custom_text)
 
 
 @pytest.fixture(scope="module")
@@ -161,23 +157,6 @@ def test_missing_file_is_a_clear_error_and_never_downloads(monkeypatch: pytest.M
 
 
 # --------------------------------------------------------------------------------------------------- CLIPStage
-SHAPES_CAPTIONS = [f"a {size} {color} {shape}" for size, color, shape in
-                   zip(["small", "large"] * 4, ["red", "green", "blue", "yellow"] * 2, ["circle"] * 3 + ["square"] * 3 + ["triangle"] * 2)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Several test processes share 2 cores: one intra-op thread each is ~20x faster than oversubscribed threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_batch() -> dict:
-    return {"image": torch.rand(8, 3, 32, 32) * 2 - 1, "caption": list(SHAPES_CAPTIONS), "key": [str(i) for i in range(8)]}
-
-
 def train_steps(stage, batch: dict, steps: int) -> list[float]:
     """Plain optimisation steps on one batch (with the stage's temperature clamp); the losses."""
     optimizer, losses = stage.configure_optimizers()["optimizer"], []
@@ -196,7 +175,7 @@ def test_clip_stage_overfits_one_batch() -> None:
 
     stage = CLIPStage("tiny", model_cfg=tiny_cfg(), lr=2e-3, weight_decay=0.0, warmup_steps=0)
     assert all(p.requires_grad for p in stage.clip.parameters())
-    batch = tiny_batch()
+    batch = caption_batch()
     assert stage.compute_loss(batch)[1] == 8
     losses = train_steps(stage, batch, 40)
     assert losses[-1] < losses[0] / 10, losses
@@ -204,16 +183,10 @@ def test_clip_stage_overfits_one_batch() -> None:
 
 
 def test_clip_stage_checkpoint_loads_as_clip(tmp_path: Path) -> None:
-    import pytorch_lightning as pl
-    from torch.utils.data import DataLoader
-
     from lightning_mav.stages.clip import CLIPStage
 
     stage = CLIPStage("tiny", model_cfg=tiny_cfg(), lr=1e-3, warmup_steps=2)
-    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", limit_val_batches=1, num_sanity_val_steps=0)
-    one_batch = DataLoader([tiny_batch()], batch_size=None)  # batch_size=None: items are already batches
-    trainer.fit(stage, train_dataloaders=one_batch, val_dataloaders=one_batch)
+    trainer = fit_batches(stage, [caption_batch()], steps=2)
     assert {"train/loss", "val/loss"} <= set(trainer.callback_metrics)
     path = tmp_path / "clip.ckpt"
     trainer.save_checkpoint(path)
@@ -223,7 +196,7 @@ def test_clip_stage_checkpoint_loads_as_clip(tmp_path: Path) -> None:
     assert any(k.startswith("clip.model.") for k in ckpt["state_dict"])
     clip = CLIP.from_checkpoint(path)
     assert not clip.training and not any(p.requires_grad for p in clip.parameters())
-    tokens, images = clip.tokenize(SHAPES_CAPTIONS), torch.rand(2, 3, 32, 32) * 2 - 1
+    tokens, images = clip.tokenize(SHAPE_CAPTIONS), torch.rand(2, 3, 32, 32) * 2 - 1
     reloaded = CLIPStage.load_from_checkpoint(path, weights_only=True)
     stage.eval()
     with torch.no_grad():  # same (fused) attention path everywhere, so outputs are bit-identical
@@ -236,7 +209,7 @@ def test_clip_stage_ignores_evaluation_padding() -> None:
     from lightning_mav.stages.clip import CLIPStage
 
     stage = CLIPStage("tiny", model_cfg=tiny_cfg())
-    batch = {**tiny_batch(), "valid": torch.tensor([True] * 6 + [False] * 2)}
+    batch = {**caption_batch(), "valid": torch.tensor([True] * 6 + [False] * 2)}
     loss, batch_size = stage.compute_loss(batch)
     real = {"image": batch["image"][:6], "caption": batch["caption"][:6]}
     assert batch_size == 6
@@ -261,9 +234,7 @@ def test_cosine_lr_schedule_warms_up_then_decays_to_zero_at_max_steps() -> None:
     for schedule in ("constant", "cosine"):
         stage = CLIPStage("tiny", model_cfg=tiny_cfg(), lr=1e-3, warmup_steps=2, lr_schedule=schedule)
         record = RecordLR()
-        trainer = pl.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, accelerator="cpu", limit_val_batches=0, callbacks=[record])
-        trainer.fit(stage, train_dataloaders=DataLoader([tiny_batch()] * 6, batch_size=None))
+        fit(stage, DataLoader([caption_batch()] * 6, batch_size=None), steps=6, limit_val_batches=0, callbacks=[record])
         rates[schedule] = record.lrs
     cosine = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * (s - 2) / 4)) for s in range(2, 6)]
     assert rates["cosine"] == pytest.approx([1e-3 * f for f in cosine])
@@ -279,7 +250,7 @@ def test_hard_negatives_swap_one_word_of_its_group() -> None:
     from lightning_mav.stages.clip import CLIPStage
 
     stage = CLIPStage("tiny", model_cfg=tiny_cfg(), hard_negative_words=SHAPE_WORDS)
-    captions = list(SHAPES_CAPTIONS) + ["nothing to swap here", "A Circle, drawn."]
+    captions = list(SHAPE_CAPTIONS) + ["nothing to swap here", "A Circle, drawn."]
     negatives = stage.hard_negatives(captions)
     assert len(negatives) == len(captions) - 1  # the caption without a group word gets none
     for caption, negative in zip([c for c in captions if c != "nothing to swap here"], negatives):
@@ -312,7 +283,7 @@ def test_hard_negatives_add_contrast_and_are_learned() -> None:
     stage = CLIPStage("tiny", model_cfg=tiny_cfg(), lr=2e-3, weight_decay=0.0, warmup_steps=0,
                       hard_negative_words=SHAPE_WORDS)
     stage.load_state_dict(plain.state_dict())
-    batch = tiny_batch()
+    batch = caption_batch()
     # Same weights: the text -> image half is the same, the image -> text half has more negatives to beat.
     assert stage.compute_loss(batch)[0].item() > plain.compute_loss(batch)[0].item()
     no_words = {**batch, "caption": [f"caption number {i}" for i in range(8)]}

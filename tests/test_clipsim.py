@@ -6,30 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_mav.metrics import CLIPSIM
 from lightning_mav.nn.clip import CLIP
+from tests.helpers import run_ddp
 
 PROMPTS = ["a small red circle moving", "a large blue square bouncing around", "a medium green triangle moving"]
 
-
-# DDP tests run 2 CPU processes over gloo. "fork" rather than "spawn": spawned children re-import torch,
-# torchmetrics and open_clip (~15-40 s on the shared 2-core machine), forked ones start at once. Safe here
-# because each child sets one intra-op thread before any op (OpenMP pools do not survive a fork).
-START_METHOD = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine OpenMP's spinning threads make small ops ~30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _clip(seed: int = 0) -> CLIP:
@@ -92,15 +78,10 @@ def test_named_model_with_local_weights(tmp_path: Path) -> None:
         CLIPSIM("ViT-B-32")
 
 
-def _ddp_worker(rank: int, world: int, store: str, weights: str, videos: Tensor, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        metric = CLIPSIM("mav-tiny", pretrained=weights)
-        metric.update(videos[rank::world], PROMPTS[rank::world])
-        torch.save(float(metric.compute()), f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank: int, world: int, weights: str, videos: Tensor) -> float:
+    metric = CLIPSIM("mav-tiny", pretrained=weights)
+    metric.update(videos[rank::world], PROMPTS[rank::world])
+    return float(metric.compute())
 
 
 def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
@@ -112,8 +93,5 @@ def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
     single.update(videos, PROMPTS)
     expected = float(single.compute())
 
-    out = str(tmp_path / "result")
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "store"), str(weights), videos, out), nprocs=2,
-                       start_method=START_METHOD)
-    for rank in range(2):
-        assert torch.load(f"{out}.{rank}", weights_only=True) == pytest.approx(expected, abs=1e-6)
+    for result in run_ddp(_ddp_worker, str(weights), videos, world_size=2):
+        assert result == pytest.approx(expected, abs=1e-6)

@@ -7,60 +7,37 @@ where rank-dependent code paths could issue different collectives on different r
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import tarfile
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def shard_with_a_corrupt_sample(shapes_root: Path, out: Path) -> Path:
-    with tarfile.open(out, "w") as dst:
-        for name, data in (("corrupt0.png", b"\x89PNG\r\n\x1a\n not an image"), ("corrupt0.txt", b"a red circle")):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            dst.addfile(info, io.BytesIO(data))
-        for i in range(2):
-            with tarfile.open(shapes_root / "images" / f"train-00000{i}.tar") as src:
-                for member in src:
-                    dst.addfile(member, src.extractfile(member))
-    return out
+from tests.helpers import EXPERIMENTS, TINY_UNET_8_NO_ATTN, cli_env, read_events, shard_with_a_corrupt_sample
 
 
 def test_two_process_ddp_runs_a_stage_to_completion(shapes_root: Path, tmp_path: Path) -> None:
     # one shard, the corrupt sample first and 16 good ones, no shuffle buffer: each rank meets it exactly once in 3
     # steps of 2 whatever its shard-order seed
-    corrupt = shard_with_a_corrupt_sample(shapes_root, tmp_path / "corrupt.tar")
-    unet = {"dim": 8, "dim_mults": [1, 2], "num_res_blocks": 1, "attn_levels": [], "mid_attn": False,
-            "norm_groups": 4}
-    args = ["fit", "--config", str(REPO / "experiments" / "sr_l.yaml"),
+    corrupt = shard_with_a_corrupt_sample(shapes_root, tmp_path / "corrupt.tar", shards=2)
+    args = ["fit", "--config", str(EXPERIMENTS / "sr_l.yaml"),
             "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
             "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
             "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
             "--data.init_args.urls", str(corrupt), "--data.init_args.val_urls",
             str(shapes_root / "images" / "val-{000000..000007}.tar"), "--data.init_args.batch_size", "2",
             "--data.init_args.shuffle_buffer", "1", "--data.init_args.image_size", "32",
-            "--model.init_args.unet", json.dumps(unet), "--model.init_args.lowres_size", "16",
+            "--model.init_args.unet", json.dumps(TINY_UNET_8_NO_ATTN), "--model.init_args.lowres_size", "16",
             "--model.init_args.highres_size", "32", "--model.init_args.sample_steps", "2"]
-    path = [*filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)), str(REPO)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path)}
-    proc = subprocess.run([sys.executable, "-m", "lightning_mav", *args], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, "-m", "lightning_mav", *args], cwd=tmp_path, env=cli_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr + proc.stdout
     run = tmp_path / "runs" / "sr_l"
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 3
-    (events,) = run.glob("events.out.tfevents.*")  # rank 0 only writes
-    acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-    acc.Reload()
+    acc = read_events(run)  # its one event file: rank 0 only writes
     assert len(acc.Scalars("train/loss")) == 3 and len(acc.Scalars("val/loss")) == 1
     assert acc.Scalars("data/skipped/decode_error")[-1].value == 2  # summed over the ranks (rank 0 alone: 1)
     assert acc.Scalars("train/samples")[-1].value == 6  # ThroughputMonitor: 3 steps x 2 samples (rank 0)

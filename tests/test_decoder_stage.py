@@ -6,43 +6,25 @@ import shutil
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
 
-from lightning_mav.nn.clip import CLIP
 from lightning_mav.nn.unet import is_temporal_name
 from lightning_mav.stages.base import trainable_names
 from lightning_mav.stages.decoder import DecoderStage
+from tests.helpers import TINY_UNET, cpu_trainer, fit_batches, save_tiny_clip, tiny_clip_cfg
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-    "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-UNET = {"dim": 16, "dim_mults": (1, 2), "num_res_blocks": 1, "attn_levels": (1,), "heads": 2, "dim_head": 8,
-        "norm_groups": 8}
+CLIP_CFG = tiny_clip_cfg(context_length=8)
+UNET = {**TINY_UNET, "norm_groups": 8}
 VIDEO_UNET = {**UNET, "temporal": True, "fps_cond": True}
 FAST = {"image_size": 8, "sample_steps": 3, "media_batch_size": 2, "warmup_steps": 0}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Several test processes share 2 cores: one intra-op thread each avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")
 def clip_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A random tiny CLIP in the CLIPStage checkpoint format that ``CLIP.from_checkpoint`` reads."""
-    clip = CLIP("tiny", model_cfg=TINY_CLIP)
-    path = tmp_path_factory.mktemp("clip") / "clip.ckpt"
-    torch.save({"state_dict": {f"clip.{k}": v for k, v in clip.state_dict().items()},
-                "hyper_parameters": {"model_name": "tiny", "model_cfg": TINY_CLIP}}, path)
-    return str(path)
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "clip.ckpt", CLIP_CFG)
 
 
 def images(n: int = 4, size: int = 8) -> torch.Tensor:
@@ -55,22 +37,12 @@ def video_batch(b: int = 2, f: int = 3, size: int = 8) -> dict:
             "key": [str(i) for i in range(b)]}
 
 
-def fit(stage: pl.LightningModule, batches: list[dict], tmp_path: Path, steps: int = 2, **kwargs) -> pl.Trainer:
-    ckpt_path = kwargs.pop("ckpt_path", None)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, limit_val_batches=1, num_sanity_val_steps=0,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path, **kwargs)
-    loader = DataLoader(batches, batch_size=None)  # already batched dicts
-    trainer.fit(stage, loader, loader, ckpt_path=ckpt_path)
-    return trainer
-
-
 @pytest.fixture(scope="module")
 def d_ckpt(clip_ckpt: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A D checkpoint written by a (2-step) Lightning run."""
     tmp = tmp_path_factory.mktemp("d")
     stage = DecoderStage(unet=UNET, clip_ckpt=clip_ckpt, **FAST)
-    trainer = fit(stage, [{"image": images()}], tmp)
+    trainer = fit_batches(stage, [{"image": images()}], steps=2, default_root_dir=tmp)
     path = tmp / "d.ckpt"
     trainer.save_checkpoint(path)
     return str(path)
@@ -115,7 +87,7 @@ def test_d_lightning_loop_checkpoint_has_no_clip_and_reloads(clip_ckpt: str, d_c
     assert stage.hparams.image_size == 8 and stage.diffusion.clip_sample == 1.0
 
     # the loop logs the contract's keys, and the frozen CLIP stayed out of the optimizer
-    trainer = fit(stage, [{"image": images()}], tmp_path, steps=1)
+    trainer = fit_batches(stage, [{"image": images()}], steps=1, default_root_dir=tmp_path)
     assert {"train/loss", "val/loss"} <= set(trainer.callback_metrics)
     optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     assert optimized == {id(p) for p in stage.unet.parameters()}
@@ -126,14 +98,15 @@ def test_d_resumes_with_ema_weight_averaging(clip_ckpt: str, tmp_path: Path) -> 
     from lightning_mav.callbacks import EMAWeightAveraging
 
     stage = DecoderStage(unet=UNET, clip_ckpt=clip_ckpt, **FAST)
-    trainer = fit(stage, [{"image": images()}], tmp_path, steps=2, callbacks=[EMAWeightAveraging(decay=0.9)])
+    trainer = fit_batches(stage, [{"image": images()}], steps=2, default_root_dir=tmp_path,
+                          callbacks=[EMAWeightAveraging(decay=0.9)])
     trainer.save_checkpoint(tmp_path / "ema.ckpt")
     ckpt = torch.load(tmp_path / "ema.ckpt", map_location="cpu", weights_only=True)
     for key in ("state_dict", "current_model_state"):
         assert ckpt[key] and not any(k.startswith("clip.") for k in ckpt[key])
     resumed = DecoderStage(unet=UNET, clip_ckpt=clip_ckpt, **FAST)
-    trainer = fit(resumed, [{"image": images()}], tmp_path, steps=3, callbacks=[EMAWeightAveraging(decay=0.9)],
-                  ckpt_path=str(tmp_path / "ema.ckpt"))
+    trainer = fit_batches(resumed, [{"image": images()}], steps=3, default_root_dir=tmp_path,
+                          callbacks=[EMAWeightAveraging(decay=0.9)], ckpt_path=str(tmp_path / "ema.ckpt"))
     assert trainer.global_step == 3
 
 
@@ -145,7 +118,7 @@ def test_flops_per_batch_counts_the_real_step_for_throughput_monitor(clip_ckpt: 
     batch = {"image": images()}
     stage = DecoderStage(unet=UNET, clip_ckpt=clip_ckpt, **FAST)
     assert stage.flops_per_batch is None  # nothing counted yet
-    fit(stage, [batch], tmp_path, steps=2)
+    fit_batches(stage, [batch], steps=2, default_root_dir=tmp_path)
     with FlopCounterMode(display=False) as train_count:
         loss, _ = stage.compute_loss(batch)
         loss.backward()
@@ -159,7 +132,7 @@ def test_flops_per_batch_counts_the_real_step_for_throughput_monitor(clip_ckpt: 
 def test_d_media_hook_and_sampling_are_deterministic(clip_ckpt: str, tmp_path: Path) -> None:
     stage = DecoderStage(unet=UNET, clip_ckpt=clip_ckpt, **FAST)
     assert stage.log_media() == {}  # nothing kept before the first validation batch
-    fit(stage, [{"image": images()}], tmp_path, steps=1)
+    fit_batches(stage, [{"image": images()}], steps=1, default_root_dir=tmp_path)
     media = stage.log_media()
     assert set(media) == {"samples", "reference"} and media["samples"].shape == (2, 3, 8, 8)
     assert media["samples"].abs().max() <= 1 and torch.equal(media["samples"], stage.log_media()["samples"])
@@ -310,7 +283,7 @@ def test_dt_inherits_the_architecture_and_its_checkpoint_is_self_contained(
     assert dt.init_report.ok and dt.diffusion.objective == "v"  # D's default, resolved into both hparams
     assert dt.hparams.diffusion == {"objective": "v", "min_snr_gamma": 5.0, "clip_sample": 1.0}
 
-    trainer = fit(dt, [video_batch()], tmp_path, steps=1)
+    trainer = fit_batches(dt, [video_batch()], steps=1, default_root_dir=tmp_path)
     trainer.save_checkpoint(tmp_path / "dt.ckpt")
     parent.unlink()  # loading a child never needs its parent
     reloaded = DecoderStage.load_from_checkpoint(tmp_path / "dt.ckpt")
@@ -321,7 +294,7 @@ def test_dt_inherits_the_architecture_and_its_checkpoint_is_self_contained(
 def test_fused_adamw_except_under_fp16_loss_scaling_with_clipping() -> None:
     """Lightning refuses to clip the gradients of an optimizer that unscales them itself (fused, with GradScaler)."""
     stage = DecoderStage(unet=UNET, **FAST)
-    trainer = pl.Trainer(accelerator="cpu", gradient_clip_val=1.0, logger=False, enable_checkpointing=False)
+    trainer = cpu_trainer(gradient_clip_val=1.0)
     stage.trainer = trainer
     assert stage.configure_optimizers()["optimizer"].defaults["fused"]  # fp32 / bf16: no scaler
     trainer.precision_plugin.scaler = torch.amp.GradScaler("cpu")  # what 16-mixed sets up on a GPU

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from lightning_mav.callbacks import EMAWeightAveraging
+from tests.helpers import fit
 
 
 def averaged_model(callback: EMAWeightAveraging, model: nn.Module) -> AveragedModel:
@@ -78,9 +79,9 @@ class FrozenPart(pl.LightningModule):
 def fit_frozen_part(tmp_path, callbacks: list) -> FrozenPart:
     torch.manual_seed(0)
     module = FrozenPart()
-    trainer = pl.Trainer(max_steps=5, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(module, torch.utils.data.DataLoader(torch.randn(20, 4), batch_size=4))
+    trainer = fit(module, torch.utils.data.DataLoader(torch.randn(20, 4), batch_size=4), steps=5,
+                  callbacks=callbacks, default_root_dir=tmp_path,
+                  accelerator="auto", devices="auto")  # the Trainer's defaults here, not fit's one CPU
     trainer.save_checkpoint(tmp_path / "ema.ckpt")
     return module
 

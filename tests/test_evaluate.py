@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import train_tiny_chain
 from PIL import Image
 from torch import Tensor, nn
 
@@ -26,6 +25,7 @@ from lightning_mav.trainer_cli import EXPERIMENTS, MAVCLI
 from lightning_mav.media import read_video
 from lightning_mav.metrics import TemporalCoherence
 from lightning_mav.nn.mixed_precision import native_bf16
+from tests.helpers import train_tiny_chain
 
 EXPECTED = {
     "shapes/color", "shapes/shape", "shapes/size", "shapes/all",
@@ -38,13 +38,7 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Several test processes share 2 cores: one intra-op thread each avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")

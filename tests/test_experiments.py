@@ -21,29 +21,22 @@ import yaml
 
 from lightning_mav.commands import main
 from lightning_mav.trainer_cli import MAVCLI
+from tests.helpers import EXPERIMENTS, TINY_CLIP_32, TINY_PRIOR, TINY_UNET_8, TINY_UNET_8_NO_ATTN, single_thread
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 STAGES = ("clip", "prior", "decoder", "sr_l", "sr_h", "dt", "interp", "sr_t")
 PARENT = {"dt": "decoder", "interp": "dt", "sr_t": "sr_l"}  # init_from in the stage YAMLs
 
-TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1,
-                                             "head_width": 16},
-             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-TINY_UNET = {"dim": 8, "dim_mults": [1, 2], "num_res_blocks": 1, "attn_levels": [1], "heads": 2, "dim_head": 8,
-             "norm_groups": 4}
-TINY_SR_UNET = {"dim": 8, "dim_mults": [1, 2], "num_res_blocks": 1, "attn_levels": [], "mid_attn": False,
-                "norm_groups": 4}
 VIDEO_DATA = ["--data.init_args.num_frames", "4", "--data.init_args.video_size", "32"]
 # What shrinks each stage YAML to a few seconds on a CPU (the architecture of dt / interp / sr_t comes from the parent)
 TINY: dict[str, list[str]] = {
-    "clip": ["--model.init_args.model_cfg", json.dumps(TINY_CLIP)],
-    "prior": ["--model.init_args.dim", "32", "--model.init_args.depth", "1", "--model.init_args.heads", "2",
-              "--model.init_args.dim_head", "16", "--model.init_args.sample_steps", "2"],
-    "decoder": ["--model.init_args.unet", json.dumps(TINY_UNET), "--model.init_args.sample_steps", "2"],
-    "sr_l": ["--model.init_args.unet", json.dumps(TINY_SR_UNET), "--model.init_args.lowres_size", "16",
+    "clip": ["--model.init_args.model_cfg", json.dumps(TINY_CLIP_32)],
+    "prior": [*(a for k, v in TINY_PRIOR.items() for a in (f"--model.init_args.{k}", str(v))),
+              "--model.init_args.sample_steps", "2"],
+    "decoder": ["--model.init_args.unet", json.dumps(TINY_UNET_8), "--model.init_args.sample_steps", "2"],
+    "sr_l": ["--model.init_args.unet", json.dumps(TINY_UNET_8_NO_ATTN), "--model.init_args.lowres_size", "16",
              "--model.init_args.highres_size", "32", "--data.init_args.image_size", "32",
              "--model.init_args.sample_steps", "2"],
-    "sr_h": ["--model.init_args.unet", json.dumps(TINY_SR_UNET), "--model.init_args.lowres_size", "8",
+    "sr_h": ["--model.init_args.unet", json.dumps(TINY_UNET_8_NO_ATTN), "--model.init_args.lowres_size", "8",
              "--model.init_args.highres_size", "32", "--model.init_args.crop_size", "16",
              "--data.init_args.image_size", "32", "--model.init_args.sample_steps", "2"],
     "dt": ["--model.init_args.sample_steps", "2", *VIDEO_DATA],
@@ -54,13 +47,7 @@ TINY: dict[str, list[str]] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a small shared CPU two spin-waiting threads run these tiny steps ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fit_args(stage: str, shapes_root: Path, *extra: str) -> list[str]:
@@ -120,9 +107,7 @@ def chain(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """clip -> decoder -> dt -> interp and sr_l -> sr_t, 2 steps each, with the YAMLs' own relative parent paths
     (runs/<parent>/checkpoints/last.ckpt) resolved under one temporary cwd."""
     root = tmp_path_factory.mktemp("chain")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
+    with single_thread(), pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         models = {}
         for stage in ("clip", "decoder", "dt", "interp", "sr_l", "sr_t"):
@@ -130,7 +115,6 @@ def chain(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                                        "--trainer.val_check_interval", "2"))
             assert cli.trainer.global_step == 2
             models[stage] = cli.model
-    torch.set_num_threads(threads)
     yield {"root": root, "models": models}
 
 

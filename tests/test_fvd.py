@@ -10,27 +10,12 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from lightning_mav.metrics import FrechetVideoDistance, InceptionI3d, TorchScriptI3D, frechet_distance, load_i3d
+from tests.helpers import run_ddp
 
-
-
-# DDP tests run 2 CPU processes over gloo. "fork" rather than "spawn": spawned children re-import torch,
-# torchmetrics and open_clip (~15-40 s on the shared 2-core machine), forked ones start at once. Safe here
-# because each child sets one intra-op thread before any op (OpenMP pools do not survive a fork).
-START_METHOD = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine OpenMP's spinning threads make small ops ~30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _videos(n: int, seed: int, frames: int = 16, size: int = 32) -> Tensor:
@@ -201,36 +186,27 @@ def test_states_are_sums_and_max_samples_stops_counting() -> None:
         fvd.update(videos[:, 0], real=False)
 
 
-def _ddp_worker(rank: int, world: int, store: str, videos: Tensor, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        fvd = FrechetVideoDistance(_i3d(), resize=None, max_samples=None)
-        # Interleaved shards, as a DistributedSampler hands them out.
-        fvd.update(videos[0][rank::world], real=True)
-        fvd.update(videos[1][rank::world], real=False)
-        capped = FrechetVideoDistance(_MeanFeatures(), num_features=3 * 8, resize=None, max_samples=5)
-        capped.update(videos[0][rank::world], real=True)
-        result = {"fvd": fvd.report()}
-        with capped.sync_context():
-            result["capped_real"] = int(capped.real_count)
-        torch.save(result, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank: int, world: int, videos: tuple[Tensor, Tensor]) -> dict:
+    fvd = FrechetVideoDistance(_i3d(), resize=None, max_samples=None)
+    # Interleaved shards, as a DistributedSampler hands them out.
+    fvd.update(videos[0][rank::world], real=True)
+    fvd.update(videos[1][rank::world], real=False)
+    capped = FrechetVideoDistance(_MeanFeatures(), num_features=3 * 8, resize=None, max_samples=5)
+    capped.update(videos[0][rank::world], real=True)
+    result = {"fvd": fvd.report()}
+    with capped.sync_context():
+        result["capped_real"] = int(capped.real_count)
+    return result
 
 
-def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
+def test_ddp_two_processes_match_one() -> None:
     real, fake = _videos(6, seed=5, frames=8, size=16), _videos(6, seed=6, frames=8, size=16)
     single = FrechetVideoDistance(_i3d(), resize=None, max_samples=None)
     single.update(real, real=True)
     single.update(fake, real=False)
     expected = float(single.compute())
 
-    out = str(tmp_path / "result")
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "store"), (real, fake), out), nprocs=2,
-                       start_method=START_METHOD)
-    for rank in range(2):
-        result = torch.load(f"{out}.{rank}", weights_only=True)
+    for result in run_ddp(_ddp_worker, (real, fake), world_size=2):
         # The reduction of float64 sums is exact; float32 I3D features may differ in the last bits between
         # batch sizes / thread counts, hence not 1e-12.
         assert result["fvd"]["fvd"] == pytest.approx(expected, rel=1e-5)

@@ -23,19 +23,14 @@ from lightning_mav.stages.interpolation import (
     random_masks,
 )
 from lightning_mav.stages.superres import SuperResStage
+from tests.helpers import TINY_UNET, fit
 
 # Two levels with attention, so the temporal convolutions *and* the temporal attention are exercised.
-D_UNET = dict(dim=16, dim_mults=(1, 2), num_res_blocks=1, attn_levels=(1,), heads=2, dim_head=8, image_embed_dim=8)
+D_UNET = {**TINY_UNET, "image_embed_dim": 8}
 DT_UNET = {**D_UNET, "temporal": True, "fps_cond": True}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Several test processes share 2 cores: one intra-op thread each is much faster than oversubscribed threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def perturb(module: torch.nn.Module, names: str = "", scale: float = 0.05) -> None:
@@ -293,10 +288,8 @@ def test_up_F_learns_to_interpolate_shapes_clips(shapes_root: Path) -> None:
                                diffusion={"objective": "x0", "min_snr_gamma": None}, image_size=12, num_frames=5,
                                skips=(2,), extrapolation_prob=0.0, lr=5e-3)
     # EMA (as in the experiments) smooths the last steps of a short run at a high learning rate
-    trainer = pl.Trainer(max_steps=200, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         callbacks=[EMAWeightAveraging(decay=0.95)])
-    trainer.fit(stage, torch.utils.data.DataLoader(train, batch_size=None, shuffle=True))
+    fit(stage, torch.utils.data.DataLoader(train, batch_size=None, shuffle=True), steps=200, limit_val_batches=0,
+        callbacks=[EMAWeightAveraging(decay=0.95)])
     stage.eval()
 
     video = rearrange(val["video"], "b f c h w -> b c f h w")  # [8, 3, 5, 12, 12]

@@ -11,6 +11,7 @@ from torch import nn
 from lightning_mav.nn import mixed_precision
 from lightning_mav.nn.mixed_precision import CPUAttentionFP32, GroupNorm32, attention, cpu_bf16_isa, native_bf16
 from lightning_mav.nn.unet import UNet
+from tests.helpers import TINY_UNET, fit_batches
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
@@ -83,8 +84,7 @@ def test_cpu_attention_mode_runs_multihead_attention_in_fp32_and_nothing_else() 
 
 def test_unet_under_bf16_autocast_stays_close_to_fp32() -> None:
     torch.manual_seed(0)
-    unet = UNet(dim=16, dim_mults=(1, 2), num_res_blocks=1, attn_levels=(1,), heads=2, dim_head=8, norm_groups=4,
-                image_embed_dim=8, temporal=True, fps_cond=True, channels_last=True)
+    unet = UNet(**TINY_UNET, norm_groups=4, image_embed_dim=8, temporal=True, fps_cond=True, channels_last=True)
     for p in unet.parameters():  # zero-init output layers would make every output 0
         nn.init.normal_(p, std=0.05) if p.dim() > 1 else None
     x, t, e = torch.randn(1, 3, 4, 16, 16), torch.tensor([300]), torch.randn(1, 8)
@@ -98,9 +98,8 @@ def test_unet_under_bf16_autocast_stays_close_to_fp32() -> None:
 
 def test_bf16_mixed_training_clips_the_gradients_with_fused_adamw(tmp_path, monkeypatch) -> None:
     """Lightning's MixedPrecision refuses clipping with a fused optimizer even without a GradScaler (bf16)."""
-    from test_decoder_stage import FAST, VIDEO_UNET, fit, video_batch
-
     from lightning_mav.stages.decoder import DecoderStage
+    from tests.test_decoder_stage import FAST, VIDEO_UNET, video_batch
 
     max_norms: list[float] = []
     clip = torch.nn.utils.clip_grad_norm_
@@ -112,7 +111,8 @@ def test_bf16_mixed_training_clips_the_gradients_with_fused_adamw(tmp_path, monk
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
     stage = DecoderStage(unet=VIDEO_UNET, **FAST)
     before = {k: v.clone() for k, v in stage.unet.state_dict().items()}
-    trainer = fit(stage, [video_batch()], tmp_path, steps=2, precision="bf16-mixed", gradient_clip_val=0.5)
+    trainer = fit_batches(stage, [video_batch()], steps=2, default_root_dir=tmp_path, precision="bf16-mixed",
+                          gradient_clip_val=0.5)
     assert trainer.global_step == 2 and max_norms == [0.5, 0.5]
     assert trainer.optimizers[0].defaults["fused"]
     assert any(not torch.equal(v, before[k]) for k, v in stage.unet.state_dict().items())

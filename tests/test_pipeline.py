@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import train_tiny_chain
 from PIL import Image
 
 from lightning_mav.checkpoints import CheckpointError
@@ -24,16 +23,9 @@ from lightning_mav.pipeline import (
     stop_index,
 )
 from lightning_mav.stages.superres import SuperResStage
+from tests.helpers import train_tiny_chain
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Several test processes share 2 cores: one intra-op thread each avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 # ----------------------------------------------------------------------------------------------------- pure parts

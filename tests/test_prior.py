@@ -7,46 +7,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_mav.nn.clip import CLIP
 from lightning_mav.nn.prior import Prior
+from tests.helpers import SHAPE_CAPTIONS, TINY_CLIP_32, caption_batch, fit_batches, save_tiny_clip
 
-CAPTIONS = [f"a {size} {color} {shape}" for size, color, shape in
-            zip(["small", "large"] * 4, ["red", "green", "blue", "yellow"] * 2, ["circle"] * 3 + ["square"] * 3 + ["triangle"] * 2)]
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-TINY_PRIOR = {"dim": 64, "depth": 2, "heads": 2, "dim_head": 32}
+PRIOR = {"dim": 64, "depth": 2, "heads": 2, "dim_head": 32}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Several test processes share 2 cores: one intra-op thread each is ~20x faster than oversubscribed threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")
 def clip_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A CLIPStage-format checkpoint (what CLIP.from_checkpoint reads; tests/test_clip.py trains a real one)."""
-    clip = CLIP("tiny", model_cfg=TINY_CLIP)
-    path = tmp_path_factory.mktemp("clip") / "clip.ckpt"
-    torch.save({"state_dict": {f"clip.{k}": v for k, v in clip.state_dict().items()},
-                "hyper_parameters": {"model_name": "tiny", "model_cfg": TINY_CLIP}}, path)
-    return str(path)
-
-
-def tiny_batch() -> dict:
-    return {"image": torch.rand(8, 3, 32, 32) * 2 - 1, "caption": list(CAPTIONS), "key": [str(i) for i in range(8)]}
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "clip.ckpt", TINY_CLIP_32)
 
 
 def make_stage(clip_ckpt: str, **kwargs):
     from lightning_mav.stages.prior import PriorStage
 
-    return PriorStage(clip_ckpt, **{**TINY_PRIOR, "warmup_steps": 0, **kwargs})
+    return PriorStage(clip_ckpt, **{**PRIOR, "warmup_steps": 0, **kwargs})
 
 
 # --------------------------------------------------------------------------------------------------- Prior
@@ -58,7 +36,7 @@ def prior_inputs(b: int = 3, length: int = 6, d: int = 16, w: int = 24) -> dict:
 
 
 def test_prior_conditioning_and_masks() -> None:
-    prior = Prior(embed_dim=16, text_width=24, max_text_len=8, **TINY_PRIOR).eval()
+    prior = Prior(embed_dim=16, text_width=24, max_text_len=8, **PRIOR).eval()
     x = prior_inputs()
     args = {k: x.pop(k) for k in ("y_t", "t")}
     out = prior(*args.values(), **x)
@@ -89,7 +67,7 @@ def test_prior_stage_overfits_one_batch(clip_ckpt: str) -> None:
     trainable = {n.split(".")[0] for n, p in stage.named_parameters() if p.requires_grad}
     assert trainable == {"prior"}  # the CLIP stays frozen
     optimizer = stage.configure_optimizers()["optimizer"]
-    batch, losses = tiny_batch(), []
+    batch, losses = caption_batch(), []
     for _ in range(80):
         loss, batch_size = stage.compute_loss(batch)
         optimizer.zero_grad()
@@ -103,7 +81,7 @@ def test_prior_stage_overfits_one_batch(clip_ckpt: str) -> None:
 
 def test_precomputed_image_embed_is_used(clip_ckpt: str) -> None:
     stage = make_stage(clip_ckpt)
-    batch = tiny_batch()
+    batch = caption_batch()
     precomputed = {"caption": batch["caption"], "image_embed": 3.0 * stage.clip.encode_image(batch["image"])}
     loss, _ = stage.compute_loss(batch, generator=torch.Generator().manual_seed(0))
     loss_pre, _ = stage.compute_loss(precomputed, generator=torch.Generator().manual_seed(0))
@@ -114,7 +92,7 @@ def test_precomputed_image_embed_is_used(clip_ckpt: str) -> None:
 
 def test_prior_stage_ignores_evaluation_padding(clip_ckpt: str) -> None:
     stage = make_stage(clip_ckpt)
-    batch = {**tiny_batch(), "valid": torch.tensor([True] * 6 + [False] * 2)}
+    batch = {**caption_batch(), "valid": torch.tensor([True] * 6 + [False] * 2)}
     other_padding = {**batch, "image": torch.cat([batch["image"][:6], torch.rand(2, 3, 32, 32)])}
     loss, batch_size = stage.compute_loss(batch, generator=torch.Generator().manual_seed(0))
     assert batch_size == 6
@@ -123,7 +101,7 @@ def test_prior_stage_ignores_evaluation_padding(clip_ckpt: str) -> None:
 
 def test_sampling_is_deterministic_and_guided(clip_ckpt: str) -> None:
     stage = make_stage(clip_ckpt).eval()
-    prompts = CAPTIONS[:3]
+    prompts = SHAPE_CAPTIONS[:3]
 
     def sample(seed: int, scale: float) -> torch.Tensor:
         return stage.sample(prompts, steps=4, guidance_scale=scale, generator=torch.Generator().manual_seed(seed))
@@ -149,16 +127,10 @@ def test_sampling_is_deterministic_and_guided(clip_ckpt: str) -> None:
 
 
 def test_prior_stage_checkpoint_has_no_clip_and_reloads(clip_ckpt: str, tmp_path: Path) -> None:
-    import pytorch_lightning as pl
-    from torch.utils.data import DataLoader
-
     from lightning_mav.stages.prior import PriorStage
 
     stage = make_stage(clip_ckpt, lr=1e-3)
-    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", limit_val_batches=1, num_sanity_val_steps=0)
-    one_batch = DataLoader([tiny_batch()], batch_size=None)  # batch_size=None: items are already batches
-    trainer.fit(stage, train_dataloaders=one_batch, val_dataloaders=one_batch)
+    trainer = fit_batches(stage, [caption_batch()], steps=2)
     assert {"train/loss", "val/loss"} <= set(trainer.callback_metrics)
     path = tmp_path / "prior.ckpt"
     trainer.save_checkpoint(path)
@@ -173,5 +145,5 @@ def test_prior_stage_checkpoint_has_no_clip_and_reloads(clip_ckpt: str, tmp_path
         assert torch.equal(reloaded.state_dict()[name], tensor), name
     seed = torch.Generator().manual_seed(0)
     stage.eval()
-    assert torch.equal(reloaded.sample(CAPTIONS[:2], steps=3, generator=seed),
-                       stage.sample(CAPTIONS[:2], steps=3, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(reloaded.sample(SHAPE_CAPTIONS[:2], steps=3, generator=seed),
+                       stage.sample(SHAPE_CAPTIONS[:2], steps=3, generator=torch.Generator().manual_seed(0)))

@@ -18,26 +18,14 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_mav.callbacks import AtomicCheckpointIO
 from lightning_mav.trainer_cli import MAVCLI
 from lightning_mav.stages.base import NonFiniteLossError
 from lightning_mav.stages.superres import SuperResStage
+from tests.helpers import EXPERIMENTS, TINY_UNET_8_NO_ATTN, cli_env, read_events
 
-REPO = Path(__file__).resolve().parents[1]
-EXPERIMENTS = REPO / "experiments"
-TINY_UNET = {"dim": 8, "dim_mults": [1, 2], "num_res_blocks": 1, "attn_levels": [], "mid_attn": False,
-             "norm_groups": 4}
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """One intra-op thread: on a small shared CPU two spin-waiting threads run these tiny steps ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def every_n_steps_overlay(path: Path, n: int) -> Path:
@@ -57,7 +45,7 @@ def sr_args(shapes_root: Path, overlay: Path, *extra: str, max_steps: int = 8) -
     return ["fit", "--config", str(EXPERIMENTS / "sr_l.yaml"), "--config", str(overlay),
             "--data.init_args.root", str(shapes_root), "--data.init_args.batch_size", "4",
             "--data.init_args.shuffle_buffer", "16", "--data.init_args.image_size", "32",
-            "--model.init_args.unet", json.dumps(TINY_UNET), "--model.init_args.lowres_size", "16",
+            "--model.init_args.unet", json.dumps(TINY_UNET_8_NO_ATTN), "--model.init_args.lowres_size", "16",
             "--model.init_args.highres_size", "32", "--model.init_args.sample_steps", "2",
             "--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", "4",
             "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
@@ -65,8 +53,7 @@ def sr_args(shapes_root: Path, overlay: Path, *extra: str, max_steps: int = 8) -
 
 
 def scalars(event_file: Path, tag: str) -> dict[int, float]:
-    acc = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
-    acc.Reload()
+    acc = read_events(event_file)
     return {e.step: e.value for e in acc.Scalars(tag)} if tag in acc.Tags()["scalars"] else {}
 
 
@@ -121,8 +108,7 @@ def test_kill_during_save_then_resume_continues_the_uninterrupted_run(
     (tmp_path / "b").mkdir()
     (tmp_path / "helpers").mkdir()
     (tmp_path / "helpers" / "mav_killer.py").write_text(textwrap.dedent(KILLER))
-    path = [str(tmp_path / "helpers"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)), str(REPO)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path)}
+    env = cli_env(tmp_path / "helpers")
     if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK):
         env["TMPDIR"] = "/dev/shm"
     proc = subprocess.run(

@@ -43,13 +43,7 @@ from lightning_mav.metrics.shapes import (
 SIZE = 32  # the smallest resolution the chain produces on shapes; larger is easier
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine OpenMP's spinning threads make small ops ~30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _to_tensor(frames: list[np.ndarray]) -> Tensor:

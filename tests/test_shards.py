@@ -5,11 +5,9 @@ from __future__ import annotations
 import functools
 import http.server
 import io
-import json
 import pickle
 import shutil
 import threading
-from datetime import timedelta
 from pathlib import Path
 
 import fsspec
@@ -25,6 +23,7 @@ from datamodules.shards import EvalPlan, ShardLoader, ShardStream, Slot, mix_see
 from datamodules.skips import SKIP_KEY, SkipCounter, SkipTally
 from datamodules.tars import expand_urls, iter_tar
 from datamodules.text_image import TextImageCodec, TextImageDataModule
+from tests.helpers import fit, run_ddp
 
 SHARD_SIZES = (5, 1, 3, 2, 4, 6)  # uneven on purpose: ranks and workers get different amounts
 BAD_KEYS = {"s00000-0001", "s00004-0000"}  # undecodable images inside two of the shards
@@ -248,34 +247,27 @@ def test_rank_resolution_order(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ---------------------------------------------------------------------------------- real 2-process gloo run
-def _ddp_validation(rank: int, world_size: int, urls: list[str], out: str) -> None:
+def _ddp_validation(rank: int, world_size: int, urls: list[str]) -> list[dict]:
     # Ranks are spawned; their DataLoader workers fork, as under Lightning's default `ddp` launcher (a spawned
     # rank would otherwise spawn its workers too, each re-importing torch: correct, see the pickle test, but slow).
     mp.set_start_method("fork", force=True)
-    dist.init_process_group("gloo", init_method=f"file://{out}.rendezvous", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=60))
-    try:
-        dm = TextImageDataModule(urls=urls, val_urls=urls, image_size=8, val_batch_size=2, num_workers=2)
-        dm.setup("validate")  # no trainer: rank and world size come from torch.distributed
-        keys, count = [], 0
-        for batch in dm.val_dataloader():
-            # a collective per batch, as `self.log(..., sync_dist=True)` does: unequal counts would hang here
-            valid = torch.tensor([int(batch["valid"].sum())])
-            dist.all_reduce(valid)
-            keys += [k for k, v in zip(batch["key"], batch["valid"]) if v]
-            count += 1
-        gathered: list = [None] * world_size
-        dist.all_gather_object(gathered, {"rank": dm.rank, "world": dm.world_size, "keys": keys, "batches": count})
-        if rank == 0:
-            Path(out).write_text(json.dumps(gathered))
-    finally:
-        dist.destroy_process_group()
+    dm = TextImageDataModule(urls=urls, val_urls=urls, image_size=8, val_batch_size=2, num_workers=2)
+    dm.setup("validate")  # no trainer: rank and world size come from torch.distributed
+    keys, count = [], 0
+    for batch in dm.val_dataloader():
+        # a collective per batch, as `self.log(..., sync_dist=True)` does: unequal counts would hang here
+        valid = torch.tensor([int(batch["valid"].sum())])
+        dist.all_reduce(valid)
+        keys += [k for k, v in zip(batch["key"], batch["valid"]) if v]
+        count += 1
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, {"rank": dm.rank, "world": dm.world_size, "keys": keys, "batches": count})
+    return gathered
 
 
-def test_real_two_process_gloo_validation(tmp_path: Path, shard_urls: list[str]) -> None:
-    out = tmp_path / "ddp.json"
-    mp.spawn(_ddp_validation, args=(2, shard_urls, str(out)), nprocs=2, join=True)
-    results = json.loads(out.read_text())
+def test_real_two_process_gloo_validation(shard_urls: list[str]) -> None:
+    results = run_ddp(_ddp_validation, shard_urls, world_size=2, start_method="spawn", threads=None,
+                      timeout_s=60)[0]  # rank 0's gathered view
     assert [r["rank"] for r in results] == [0, 1] and {r["world"] for r in results} == {2}
     assert results[0]["batches"] == results[1]["batches"] == 7
     keys = [k for r in results for k in r["keys"]]
@@ -306,9 +298,7 @@ def test_lightning_fit_streams_train_and_validation(shapes_root: Path) -> None:
     dm = TextImageDataModule(root=str(shapes_root), image_size=16, batch_size=4, val_batch_size=4,
                              batches_per_epoch=3, shuffle_buffer=8)
     model = _Consumer()
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.fit(model, datamodule=dm)
+    fit(model, dm, steps=-1, max_epochs=2, num_sanity_val_steps=0)
     assert model.train_batches == 6  # with_epoch(batches_per_epoch) cuts the infinite stream into epochs
     per_epoch = len(model.val_batches) // 2
     first, second = sum(model.val_batches[:per_epoch], []), sum(model.val_batches[per_epoch:], [])

@@ -5,28 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
 
 from lightning_mav.checkpoints import CheckpointError
 from lightning_mav.nn.unet import is_temporal_name
 from lightning_mav.pipeline import load_stage
 from lightning_mav.stages.base import trainable_names
 from lightning_mav.stages.superres import SuperResStage, resize
+from tests.helpers import TINY_UNET, fit_batches
 
-UNET = {"dim": 16, "dim_mults": (1, 2), "num_res_blocks": 1, "attn_levels": (1,), "heads": 2, "dim_head": 8,
-        "norm_groups": 8}
+UNET = {**TINY_UNET, "norm_groups": 8}
 SR = {"lowres_size": 8, "highres_size": 16, "sample_steps": 3, "media_batch_size": 2, "warmup_steps": 0}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Several test processes share 2 cores: one intra-op thread each avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def images(n: int = 4, size: int = 16) -> torch.Tensor:
@@ -46,12 +37,8 @@ def sr_l_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
     """An SR_l checkpoint written by a 2-step Lightning run (train/val on the text-image batch format)."""
     tmp = tmp_path_factory.mktemp("sr_l")
     stage = SuperResStage(unet=UNET, **SR)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp)
     batch = {"image": images(), "caption": ["a red circle"] * 4, "key": list("abcd")}
-    loader = DataLoader([batch], batch_size=None)
-    trainer.fit(stage, loader, loader)
+    trainer = fit_batches(stage, [batch], steps=2, default_root_dir=tmp)
     assert {"train/loss", "val/loss"} <= set(trainer.callback_metrics)
     trainer.save_checkpoint(tmp / "sr_l.ckpt")
     return str(tmp / "sr_l.ckpt")

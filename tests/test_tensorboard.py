@@ -8,31 +8,21 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_mav import media
 from lightning_mav.trainer_cli import MAVCLI
+from tests.helpers import EXPERIMENTS, TINY_UNET_8, TINY_UNET_8_NO_ATTN, read_events, shard_with_a_corrupt_sample
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
          "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a small shared CPU two spin-waiting threads run these tiny steps ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def monitors_overlay(path: Path) -> Path:
@@ -49,43 +39,20 @@ def monitors_overlay(path: Path) -> Path:
     return path
 
 
-def shard_with_a_corrupt_sample(shapes_root: Path, out: Path) -> Path:
-    """One image shard: a sample whose PNG is garbage, then the fixture's first shard."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(out, "w") as dst:
-        for name, data in (("corrupt0.png", b"\x89PNG\r\n\x1a\n not an image"), ("corrupt0.txt", b"a red circle")):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            dst.addfile(info, io.BytesIO(data))
-        with tarfile.open(shapes_root / "images" / "train-000000.tar") as src:
-            for member in src:
-                dst.addfile(member, src.extractfile(member))
-    return out
-
-
-def events(run: Path) -> EventAccumulator:
-    (path,) = run.glob("events.out.tfevents.*")
-    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 0})
-    acc.Reload()
-    return acc
-
-
 def test_image_stage_scalars_skips_and_images(shapes_root: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     shard = shard_with_a_corrupt_sample(shapes_root, tmp_path / "shards" / "train-000000.tar")
     overlay = monitors_overlay(tmp_path / "overlay" / "sr_l.yaml")
     monkeypatch.chdir(tmp_path)
-    unet = {"dim": 8, "dim_mults": [1, 2], "num_res_blocks": 1, "attn_levels": [], "mid_attn": False,
-            "norm_groups": 4}
     MAVCLI(args=["fit", "--config", str(EXPERIMENTS / "sr_l.yaml"), "--config", str(overlay), *QUIET,
                  "--data.init_args.urls", str(shard), "--data.init_args.val_urls",
                  str(shapes_root / "images" / "val-{000000..000007}.tar"), "--data.init_args.batch_size", "4",
                  "--data.init_args.shuffle_buffer", "4", "--data.init_args.image_size", "32",
-                 "--model.init_args.unet", json.dumps(unet), "--model.init_args.lowres_size", "16",
+                 "--model.init_args.unet", json.dumps(TINY_UNET_8_NO_ATTN), "--model.init_args.lowres_size", "16",
                  "--model.init_args.highres_size", "32", "--model.init_args.sample_steps", "2",
                  "--trainer.max_steps", "4", "--trainer.val_check_interval", "2"])
     run = tmp_path / "runs" / "sr_l"
-    acc = events(run)
+    acc = read_events(run)
     tags = set(acc.Tags()["scalars"])
 
     def values(tag: str) -> list[float]:
@@ -112,8 +79,7 @@ def test_image_stage_scalars_skips_and_images(shapes_root: Path, tmp_path: Path,
 def test_video_stage_writes_videos(shapes_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     overlay = monitors_overlay(tmp_path / "overlay" / "dt.yaml")
     monkeypatch.chdir(tmp_path)
-    unet = {"dim": 8, "dim_mults": [1, 2], "num_res_blocks": 1, "attn_levels": [1], "heads": 2, "dim_head": 8,
-            "norm_groups": 4, "temporal": True, "fps_cond": True}
+    unet = {**TINY_UNET_8, "temporal": True, "fps_cond": True}
     MAVCLI(args=["fit", "--config", str(EXPERIMENTS / "dt.yaml"), "--config", str(overlay), *QUIET,
                  "--data.init_args.root", str(shapes_root), "--data.init_args.batch_size", "2",
                  "--data.init_args.shuffle_buffer", "4", "--data.init_args.num_frames", "4",
@@ -122,7 +88,7 @@ def test_video_stage_writes_videos(shapes_root: Path, tmp_path: Path, monkeypatc
                  "--model.init_args.sample_steps", "2", "--trainer.max_steps", "2",
                  "--trainer.val_check_interval", "2"])
     run = tmp_path / "runs" / "dt"
-    acc = events(run)
+    acc = read_events(run)
     assert {"samples/samples", "samples/reference"} <= set(acc.Tags()["images"])
     video = acc.Images("samples/samples")[-1]
     assert video.encoded_image_string.startswith(b"GIF8"), "add_video wrote no video (is moviepy importable?)"

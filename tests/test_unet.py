@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from lightning_mav.nn.unet import UNet, count_parameters, is_temporal_name
+from tests.helpers import TINY_UNET
 
 B, NF, H = 2, 3, 8
 IMG, TXT, L = 12, 10, 5
-BASE = dict(dim=16, dim_mults=(1, 2), num_res_blocks=1, attn_levels=(1,), heads=2, dim_head=8, norm_groups=8)
+BASE = {**TINY_UNET, "norm_groups": 8}
 COND = dict(image_embed_dim=IMG, text_dim=TXT)
 
 
