@@ -134,8 +134,8 @@ class InterpolationStage(DecoderStage):
             gets wrong, and its known frames are exactly 0.
         guidance_scale: default guidance of :meth:`sample`; the known frames already pin the content, so 1
             (no guidance, half the compute) is the default.
-        freeze_spatial: train only the new ``extra_in`` convolution (the rest stays D_t).
-        Others: see :class:`lightning_mav.stages.decoder.DecoderStage`.
+        options: D_t's (``clip_ckpt``, ``init_from``, ``freeze_spatial``: only the new ``extra_in`` convolution,
+            ``sample_steps``, ...) and the shared ones: see :class:`lightning_mav.stages.decoder.DecoderStage`.
     """
 
     new_param_patterns = NEW_EXTRA_IN
@@ -144,20 +144,11 @@ class InterpolationStage(DecoderStage):
     def __init__(
         self,
         unet: dict[str, Any] | None = None,
-        diffusion: dict[str, Any] | None = None,
-        clip_ckpt: str | None = None,
-        image_size: int = 64,
         num_frames: int = 16,
         skips: Sequence[int] = (2, 3, 4, 5),
         extrapolation_prob: float = 0.25,
         loss_on_known: bool = False,
         residual: bool = True,
-        cond_drop_prob: float = 0.1,
-        cond_frame: Literal["middle", "first", "random"] = "middle",
-        init_from: str | None = None,
-        freeze_spatial: bool = False,
-        sample_steps: int = 50,
-        sampler: Literal["ddim", "ddpm", "dpm++"] = "ddim",
         guidance_scale: float = 1.0,
         **options: Any,
     ) -> None:
@@ -168,10 +159,7 @@ class InterpolationStage(DecoderStage):
         if options.pop("joint_image_prob", 0.0):  # in hparams as DecoderStage saves them; ↑F has no image steps
             raise ValueError("joint_image_prob: ↑F trains on video only (its masks need frames), leave it 0")
         unet = {"temporal": True, **(unet or {}), "extra_in_channels": EXTRA_IN_CHANNELS}
-        super().__init__(unet=unet, diffusion=diffusion, clip_ckpt=clip_ckpt, image_size=image_size,
-                         cond_drop_prob=cond_drop_prob, cond_frame=cond_frame, joint_image_prob=0.0,
-                         init_from=init_from, freeze_spatial=freeze_spatial, sample_steps=sample_steps,
-                         sampler=sampler, guidance_scale=guidance_scale, **options)
+        super().__init__(unet=unet, joint_image_prob=0.0, guidance_scale=guidance_scale, **options)
         self.num_frames, self.skips = num_frames, tuple(int(k) for k in skips)
         self.extrapolation_prob, self.loss_on_known, self.residual = extrapolation_prob, loss_on_known, residual
 
