@@ -17,14 +17,13 @@ import lightning_mav.evaluation as ev
 from lightning_mav.commands.evaluate import main as evaluate_command
 from lightning_mav.evaluation.prompts import is_shapes_prompt
 from lightning_mav.evaluation.real_data import RealData, item_noise, real_batches, score_real_data
-from lightning_mav.evaluation.samples import plan_samples, sample_name
+from lightning_mav.evaluation.samples import load_sample, plan_samples, sample_name
 from lightning_mav.evaluation.scores import NO_I3D
-from lightning_mav.metrics import parse_prompt
+from lightning_mav.media import read_video
+from lightning_mav.metrics import TemporalCoherence, parse_prompt
+from lightning_mav.nn.mixed_precision import native_bf16
 from lightning_mav.pipeline import GenerationSettings
 from lightning_mav.trainer_cli import EXPERIMENTS, MAVCLI
-from lightning_mav.media import read_video
-from lightning_mav.metrics import TemporalCoherence
-from lightning_mav.nn.mixed_precision import native_bf16
 from tests.helpers import train_tiny_chain
 
 EXPECTED = {
@@ -262,6 +261,21 @@ def test_missing_required_stage_is_a_one_line_error(tmp_path: Path, capsys: pyte
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
         "argument --steps: unknown stage 'SR_x': use one of clip, P, D, SR_l, SR_h, D_t, up_F, SR_t "
         "(or clip, prior, decoder, sr_l, sr_h, dt, interp, sr_t)")
+
+
+def test_generation_processes_make_the_samples_one_process_makes(runs: Path, shapes_root: Path,
+                                                                 tmp_path: Path) -> None:
+    common = dict(runs=runs, data=shapes_root, num_prompts=3, num_frames=4, steps=1, batch_size=1, eval_clips=2,
+                  dtype="fp32", progress=False)
+    one = ev.evaluate(out=tmp_path / "one", **common)
+    two = ev.evaluate(out=tmp_path / "two", processes=2, **common)  # batches 0, 2 here; 1 in a spawned process
+    assert two["run"]["generated"] == 3 and two["metrics"] == one["metrics"]
+    for name in ("00000.pt", "00001.pt", "00002.pt"):
+        a, b = (load_sample(tmp_path / run / "samples" / name) for run in ("one", "two"))
+        assert a["key"] == b["key"] and a["frames"].keys() == b["frames"].keys()
+        assert all(torch.equal(a["frames"][k], b["frames"][k]) for k in a["frames"]), name
+    again = ev.evaluate(out=tmp_path / "two", processes=2, **common)  # a restart reuses every sample
+    assert again["run"]["generated"] == 0 and again["run"]["reused"] == 3
 
 
 # ----------------------------------------------------------------------------------------------------- lightning test

@@ -40,6 +40,9 @@ class EvalOptions(GenerationSettings):
     fvd_videos: int = field(default=2048, metadata={"help": "real clips for FVD (at most)"})
     quick: bool = field(default=False, metadata={
         "help": "2 sampling steps (unless --steps), at most 2 prompts, 2 clips per score (checks the plumbing)"})
+    processes: int = field(default=1, metadata={
+        "help": "generation processes, each with every n-th batch (on CUDA one GPU each, cuda:0..n-1); the samples "
+                "are the same as one process makes"})
     device: str | None = field(default=None, metadata={"help": DEVICE_HELP})
     dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": DTYPES})
     progress: bool = field(default=True, metadata={"help": "no progress bar"})

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lightning_mav.evaluation.chain import load_chain
+from lightning_mav.evaluation.chain import Chain, load_chain
 from lightning_mav.evaluation.options import EvalOptions
 from lightning_mav.evaluation.prompts import load_prompts
 from lightning_mav.evaluation.real_data import score_real_data
@@ -25,7 +27,9 @@ from lightning_mav.evaluation.samples import (
     from_uint8,
     generate_samples,
     load_sample,
+    SampleSpec,
     plan_samples,
+    sample_file,
     sample_name,
     write_media,
 )
@@ -50,6 +54,45 @@ def prompt_list(options: EvalOptions) -> list[str]:
                         num_prompts=options.prompt_count)
 
 
+def _share_device(device: str | None, rank: int) -> str | None:
+    """Generation process ``rank``'s device: its own GPU when generating on CUDA, else the same device."""
+    if device is None and torch.cuda.is_available():
+        device = "cuda"
+    return f"cuda:{rank}" if device in ("cuda", "cuda:0") else device
+
+
+def _generate_share(options: EvalOptions, rank: int, world: int, threads: int) -> list[str]:
+    """One spawned generation process: loads the chain and makes its share of the planned batches."""
+    torch.set_num_threads(threads)
+    chain = load_chain(options.runs, device=_share_device(options.device, rank), dtype=options.dtype)
+    plan = plan_samples(prompt_list(options), options.videos_per_prompt, options.batch_size, options.seed)
+    _, fresh = generate_samples(chain, plan, Path(options.out), options.settings, progress=options.progress,
+                                share=(rank, world))
+    return [str(f) for f in fresh]
+
+
+def generate_all(chain: Chain, plan: list[list[SampleSpec]], options: EvalOptions) -> tuple[list[Path], set[Path]]:
+    """Every planned sample on disk, made by ``options.processes`` processes (this one and spawned ones, each
+    with every n-th batch; on the CPU they split the threads). Returns the sample files in index order and the set
+    of those generated now (the others were reused)."""
+    out, world = Path(options.out), max(int(options.processes), 1)
+    if world == 1:
+        return generate_samples(chain, plan, out, options.settings, progress=options.progress)
+    threads = torch.get_num_threads()
+    share = max(threads // world, 1) if chain.pipe.device.type == "cpu" else threads
+    torch.set_num_threads(share)
+    try:
+        with ProcessPoolExecutor(world - 1, mp_context=get_context("spawn")) as pool:
+            spawned = [pool.submit(_generate_share, options, rank, world, share) for rank in range(1, world)]
+            _, fresh = generate_samples(chain, plan, out, options.settings, progress=options.progress,
+                                        share=(0, world))
+            for job in spawned:
+                fresh |= {Path(f) for f in job.result()}
+    finally:
+        torch.set_num_threads(threads)
+    return [sample_file(out, spec) for batch in plan for spec in batch], fresh
+
+
 def evaluate(options: EvalOptions | None = None, /, **overrides: Any) -> dict[str, Any]:
     """Generate videos for the prompts with the trained chain under ``options.runs`` and score them.
 
@@ -67,7 +110,7 @@ def evaluate(options: EvalOptions | None = None, /, **overrides: Any) -> dict[st
     prompts = prompt_list(options)
     plan = plan_samples(prompts, options.videos_per_prompt, options.batch_size, options.seed)
     t0 = time.perf_counter()
-    files, fresh = generate_samples(chain, plan, out, settings, progress=options.progress)
+    files, fresh = generate_all(chain, plan, options)
     t1 = time.perf_counter()
 
     metrics = EvalMetrics(chain.pipe.C_x, i3d=options.i3d, fvd_samples=None).to(chain.pipe.device)
