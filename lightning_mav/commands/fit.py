@@ -1,4 +1,4 @@
-"""``mav fit / validate / test / predict --config …``: Lightning's own LightningCLI (``lightning_mav.trainer_cli``)."""
+"""``mav fit / validate / test / predict --config …``: LightningCLI with the suite's defaults (``trainer_cli``)."""
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,4 @@
-"""``mav generate "a red circle moving" --out out.mp4``: text to video with the trained chain (``MakeAVideoPipeline``)."""
+"""``mav generate "a red circle moving" --out out.mp4``: text to video with the trained chain (the pipeline)."""
 from __future__ import annotations
 
 import argparse
