@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -281,3 +283,37 @@ def _crop_and_stack(frames: list[av.VideoFrame], plan: ClipPlan, size: int, crop
         arrays.append(rgb[top:top + size, left:left + size])
     video = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # [F, 3, H, W]
     return Clip(frames=video, fps=plan.fps, indices=plan.indices)
+
+
+def decode_planned_clip(source: bytes | str | os.PathLike[str], plan: Callable[[int, float], ClipPlan], *,
+                        size: int, crop: Crop = "center", rng: random.Random | None = None,
+                        threads: int = 1) -> Clip:
+    """Decode the frames that ``plan(num_native, native_fps)`` picks, from any container PyAV reads (mp4, and
+    UCF-101's xvid ``.avi``), resized and cropped as ``decode_clip`` does (short side to ``size``, one square crop).
+
+    ``source`` is the file's bytes or its path (a path is read by FFmpeg, not loaded whole). ``plan`` is called once,
+    after probing, so the caller's sampling rule can depend on the frame count (e.g. a fixed start per file for
+    evaluation, where ``plan_clip`` draws an fps). Returns a ``Clip`` with uint8 ``frames [F, 3, size, size]``.
+    Reasons raised: ``corrupt_video`` (not a video, broken stream, frames missing), and whatever ``plan`` raises
+    (``too_short_video``).
+    """
+    rng = rng or random.Random(0)
+    try:
+        with av.open(io.BytesIO(source) if isinstance(source, bytes) else os.fspath(source), mode="r") as container:
+            try:
+                stream, native_fps, count = _probe(container)
+            except SampleError as exn:  # _probe names its reasons after mp4; here the container can be anything
+                raise SampleError("corrupt_video", str(exn)) from None
+            clip_plan = plan(count, native_fps)
+            stream.codec_context.thread_count = threads
+            frames = _decode_indices(container, stream, native_fps, clip_plan.indices, seek=clip_plan.start > 0)
+            if frames is None:  # as in decode_clip: one slow, safe retry from frame 0
+                container.seek(0, stream=stream)
+                frames = _decode_indices(container, stream, native_fps, clip_plan.indices, seek=False)
+            if frames is None:
+                raise SampleError("corrupt_video", "frames missing")
+    except SampleError:
+        raise
+    except Exception as exn:  # FFmpeg errors for broken containers / streams, unreadable files
+        raise SampleError("corrupt_video", repr(exn)) from None
+    return _crop_and_stack(frames, clip_plan, size, crop, rng)
