@@ -80,9 +80,9 @@ def test_prompt_sources(shapes_root: Path, tmp_path: Path) -> None:
     assert ev.load_prompts(txt) == ["a red circle", "a blue square"]
     classes = tmp_path / "classInd.txt"
     classes.write_text("1 ApplyEyeMakeup\n2 Basketball\n3 playing_guitar\n")
-    assert ev.load_prompts(classes=classes) == ["a video of a person apply eye makeup",
-                                                "a video of a person basketball",
-                                                "a video of a person playing guitar"]
+    assert ev.load_prompts(classes=classes) == ["apply eye makeup", "basketball", "playing guitar"]
+    assert ev.load_prompts(classes=classes, template="a video of a person {class}")[1] == \
+        "a video of a person basketball"
     captions = ev.load_prompts(str(shapes_root / "images" / "val-*.tar"), num_prompts=3)
     assert len(captions) == 3 and all(is_shapes_prompt(c) for c in captions)
     assert not is_shapes_prompt("a video of a person basketball")

@@ -10,9 +10,9 @@ from lightning_mav.evaluation.chain import Chain, load_chain
 from lightning_mav.evaluation.generation import Generated, generate_batch, sample_per_frame
 from lightning_mav.evaluation.lightning import EvaluationModule, prompt_items
 from lightning_mav.evaluation.options import EvalOptions
-from lightning_mav.evaluation.prompts import UCF_TEMPLATE, class_prompts, load_prompts
+from lightning_mav.evaluation.prompts import UCF101_TEMPLATE, class_prompts, load_prompts
 from lightning_mav.evaluation.run import evaluate
 from lightning_mav.evaluation.scores import EvalMetrics
 
-__all__ = ["UCF_TEMPLATE", "Chain", "EvalMetrics", "EvalOptions", "EvaluationModule", "Generated", "class_prompts",
+__all__ = ["UCF101_TEMPLATE", "Chain", "EvalMetrics", "EvalOptions", "EvaluationModule", "Generated", "class_prompts",
            "evaluate", "generate_batch", "load_chain", "load_prompts", "prompt_items", "sample_per_frame"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from lightning_mav.evaluation.prompts import UCF_TEMPLATE
+from lightning_mav.evaluation.prompts import UCF101_TEMPLATE
 from lightning_mav.evaluation.real_data import RealData
 from lightning_mav.pipeline import DEVICE_HELP, DTYPE_HELP, DTYPES, GenerationSettings
 
@@ -24,7 +24,7 @@ class EvalOptions(GenerationSettings):
         "help": "prompt file (.txt / .jsonl) or caption shards (.tar pattern); default DATA/eval/prompts.jsonl"})
     classes: str | None = field(default=None, metadata={
         "help": "class list file (UCF-101 classInd.txt style): one prompt per class"})
-    template: str = field(default=UCF_TEMPLATE, metadata={"help": "prompt template for --classes"})
+    template: str = field(default=UCF101_TEMPLATE, metadata={"help": "prompt template for --classes"})
     num_prompts: int | None = field(default=None, metadata={"help": "a seeded subset of the prompts"})
     videos_per_prompt: int = field(default=1, metadata={"help": "samples per prompt (different noise)"})
     seed: int = field(default=0, metadata={"help": "generation seed (a batch is seeded with seed + its first index)"})

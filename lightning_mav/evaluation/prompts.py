@@ -8,10 +8,14 @@ from pathlib import Path
 
 from lightning_mav.metrics import parse_prompt
 
-UCF_TEMPLATE = "a video of a person {class}"  # Make-A-Video's zero-shot UCF-101 prompts: one per class name
+UCF101_TEMPLATE = "{class}"
+"""The class name itself ("ApplyEyeMakeup" -> "apply eye makeup"), as Video LDM and LaVie prompt for zero-shot
+UCF-101. Make-A-Video wrote one sentence per class by hand and did not publish them (VideoPoet used PYoCo's, likewise
+only in that paper); the class name is the published choice anyone can reproduce. Hand-written sentences still fit:
+put one per line in classInd order (``1 A person applying eye makeup``) and keep this template."""
 
 
-def class_prompts(path: str | Path, template: str = UCF_TEMPLATE) -> list[str]:
+def class_prompts(path: str | Path, template: str = UCF101_TEMPLATE) -> list[str]:
     """UCF-101-style class templates: one prompt per class of a class list file.
 
     Lines are ``"1 ApplyEyeMakeup"`` (UCF-101's ``classInd.txt``) or just ``"ApplyEyeMakeup"`` / ``"apply eye
@@ -50,8 +54,25 @@ def _is_shards(source: str) -> bool:
     return source.endswith(".tar") or any(c in source for c in "*?{") or "::" in source
 
 
+def _jsonl_prompts(path: Path) -> list[str]:
+    """The ``prompt`` (or ``caption`` / ``text``) of each line's object; a bad line is a one-line error."""
+    prompts = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        key = next((k for k in ("prompt", "caption", "text") if isinstance(row, dict) and k in row), None)
+        if key is None:
+            raise ValueError(f"{path}:{lineno}: expected an object with 'prompt', 'caption' or 'text'")
+        prompts.append(str(row[key]).strip())
+    return prompts
+
+
 def load_prompts(source: str | Path | None = None, *, data: str | Path = "data/shapes",
-                 classes: str | Path | None = None, template: str = UCF_TEMPLATE, num_prompts: int | None = None,
+                 classes: str | Path | None = None, template: str = UCF101_TEMPLATE, num_prompts: int | None = None,
                  seed: int = 0) -> list[str]:
     """The evaluation prompts.
 
@@ -74,8 +95,7 @@ def load_prompts(source: str | Path | None = None, *, data: str | Path = "data/s
         if _is_shards(text):  # the first distinct captions: a random subset would mean reading every shard
             prompts = caption_prompts(text, limit=num_prompts)
         elif text.endswith(".jsonl"):
-            rows = [json.loads(line) for line in Path(text).read_text().splitlines() if line.strip()]
-            prompts = [str(next(r[k] for k in ("prompt", "caption", "text") if k in r)) for r in rows]
+            prompts = _jsonl_prompts(Path(text))
         else:
             prompts = [line.strip() for line in Path(text).read_text().splitlines()]
             prompts = [p for p in prompts if p and not p.startswith("#")]

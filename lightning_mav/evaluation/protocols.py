@@ -41,7 +41,7 @@ from torch import Tensor
 
 from datamodules.decode import ClipPlan, SampleError, decode_planned_clip, to_float
 from datamodules.skips import SkipCounter
-from lightning_mav.evaluation.prompts import class_prompts
+from lightning_mav.evaluation.prompts import UCF101_TEMPLATE, class_prompts, load_prompts
 
 
 # ------------------------------------------------------------------------------------------------ paper results
@@ -77,12 +77,6 @@ PAPER_RESULTS: dict[str, PaperResult] = {
 
 
 # ----------------------------------------------------------------------------------------------------- UCF-101
-UCF101_TEMPLATE = "{class}"
-"""The class name itself ("ApplyEyeMakeup" -> "apply eye makeup"), as Video LDM and LaVie prompt for zero-shot
-UCF-101. Make-A-Video wrote one sentence per class by hand and did not publish them (VideoPoet used PYoCo's, likewise
-only in that paper); the class name is the published choice anyone can reproduce. Hand-written sentences still fit:
-put one per line in classInd order (``1 A person applying eye makeup``) and keep this template."""
-
 UCF101_NUM_VIDEOS = 10_000  # generated videos per score (VDM / Make-A-Video); FVD and IS both use them
 
 ClipOffset = Literal["random", "center", "first"]
@@ -322,15 +316,6 @@ def ucf101_real_clips(root: str | Path, *, num_frames: int = 16, size: int, limi
 
 
 # ----------------------------------------------------------------------------------------------------- MSR-VTT
-def _caption_of(row: object, where: str) -> str:
-    """The caption of a ``.jsonl`` row: its ``caption``, ``prompt`` or ``text`` field."""
-    if isinstance(row, dict):
-        for key in ("caption", "prompt", "text"):
-            if key in row:
-                return str(row[key]).strip()
-    raise ValueError(f"{where}: no 'caption', 'prompt' or 'text' key")
-
-
 def _msrvtt_json(path: Path, split: str) -> list[str]:
     """Every caption of ``split``'s videos, in the file's order, from MSR-VTT's json layout."""
     try:
@@ -379,23 +364,12 @@ def msrvtt_captions(path: str | Path, *, split: str = "test", limit: int | None 
         raise FileNotFoundError(f"{path}: no such file; expected MSR-VTT's test_videodatainfo.json, a .txt or a .jsonl")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
-    suffix = path.suffix.lower()
-    if suffix == ".json":
+    if path.suffix.lower() == ".json":
         captions = _msrvtt_json(path, split)
-    elif suffix == ".jsonl":
-        captions = []
-        for lineno, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exn:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exn.msg})") from None
-            captions.append(_caption_of(row, f"{path}:{lineno}"))
-    elif suffix == ".txt":
-        captions = [s for s in (line.strip() for line in path.read_text().splitlines()) if s and not s.startswith("#")]
+        if not captions:
+            raise ValueError(f"{path}: no captions")
+    elif path.suffix.lower() in (".txt", ".jsonl"):
+        captions = load_prompts(path)
     else:
-        raise ValueError(f"{path}: unknown caption file type {suffix!r}; expected .json, .jsonl or .txt")
-    if not captions:
-        raise ValueError(f"{path}: no captions")
+        raise ValueError(f"{path}: unknown caption file type {path.suffix!r}; expected .json, .jsonl or .txt")
     return captions if limit is None else captions[:limit]
