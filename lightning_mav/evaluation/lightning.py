@@ -15,9 +15,9 @@ from lightning_mav.evaluation.chain import Chain, load_chain
 from lightning_mav.evaluation.generation import generate_batch
 from lightning_mav.evaluation.options import EvalOptions
 from lightning_mav.evaluation.real_data import score_real_data
-from lightning_mav.evaluation.run import prompt_list
+from lightning_mav.evaluation.report import paper_rows, write_report
+from lightning_mav.evaluation.run import make_metrics, prompt_list
 from lightning_mav.evaluation.samples import sample_name, to_uint8, write_media
-from lightning_mav.evaluation.scores import EvalMetrics
 
 
 def prompt_items(prompts: Sequence[str], videos_per_prompt: int = 1, world_size: int = 1) -> list[dict[str, Any]]:
@@ -57,7 +57,7 @@ class EvaluationModule(pl.LightningModule):
         if self.chain is None:  # before Lightning moves the module, so the metric states follow it
             device = self.trainer.strategy.root_device if self._trainer is not None else None
             self.chain = load_chain(self.options.runs, device=device)
-            self.metrics = EvalMetrics(self.chain.pipe.C_x, i3d=self.options.i3d, fvd_samples=self.real.fvd_videos)
+            self.metrics = make_metrics(self.options, self.chain, fvd_samples=self.real.fvd_videos)
 
     def test_dataloader(self) -> DataLoader:
         world = self.trainer.world_size if self._trainer is not None else 1
@@ -96,4 +96,11 @@ class EvaluationModule(pl.LightningModule):
                 self.log(name, entry["value"], sync_dist=False)
         if self.trainer.is_global_zero:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "metrics.json").write_text(json.dumps({"metrics": scores}, indent=1, ensure_ascii=False) + "\n")
+            prompts = prompt_list(self.options)
+            videos = len(prompts) * self.options.videos_per_prompt
+            run = {"prompts": len(prompts), "videos_per_prompt": self.options.videos_per_prompt,
+                   "stages": self.chain.pipe.stages_run(self.settings.stop_after),
+                   "dtype": str(self.chain.pipe.dtype).removeprefix("torch.")}
+            result = {"metrics": scores, "paper": paper_rows(self.options, scores, videos), "run": run}
+            (self.out / "metrics.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+            write_report(self.out, result)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from einops import rearrange
@@ -12,8 +13,9 @@ from torch import Tensor
 from lightning_mav.diffusion import Diffusion
 from lightning_mav.evaluation.chain import Chain
 from lightning_mav.evaluation.generation import final_size
+from lightning_mav.evaluation.protocols import ucf101_real_clips, ucf101_sampling_description
 from lightning_mav.evaluation.scores import EvalMetrics
-from lightning_mav.metrics import interpolation_psnr, sr_psnr
+from lightning_mav.metrics import interpolation_psnr, real_stats_path, sr_psnr
 from lightning_mav.pipeline import GenerationSettings, MakeAVideoPipeline, per_stage, stage_generator
 from lightning_mav.stages.superres import SuperResStage
 
@@ -71,6 +73,14 @@ class RealData:
     clips: int = 16  # real clips / images per PSNR score (↑F, SR_l, SR_t, SR_h) and for the motion reference
     fvd_videos: int = 2048  # real clips for FVD (at most; the shards may hold fewer)
     batch_size: int = 4
+    split: str | None = None  # a UCF-101 split list naming FVD's real videos (``videos`` a UCF-101 folder)
+    stats_cache: str | None = None  # folder of cached real FVD statistics; None: computed every run
+
+    @property
+    def is_ucf101_folder(self) -> bool:
+        """Whether ``videos`` is a folder of videos (UCF-101's ``<ClassName>/*.avi``) rather than of shards."""
+        folder = Path(self.videos)
+        return folder.is_dir() and not any(folder.glob("*.tar")) and any(p.is_dir() for p in folder.iterdir())
 
 
 def item_noise(keys: Sequence[str], shape: Sequence[int], *, seed: int, stream: str,
@@ -125,12 +135,47 @@ def score_super_resolution(stage: str, module: SuperResStage, pipe: MakeAVideoPi
         metrics.update_psnr(stage, sr_psnr(pred.float().cpu(), target, lowres), len(target))
 
 
+def fvd_real_clips(real: RealData, settings: GenerationSettings, size: int) -> tuple[Iterator[Tensor], str]:
+    """FVD's real clips ``[B, 3, F, S, S]`` (this rank's share) and a line saying how they were sampled (what a cache
+    of their statistics is keyed by): a UCF-101 folder (``<ClassName>/*.avi``) as that protocol samples it, or
+    video shards at the pipeline's fps."""
+    if real.is_ucf101_folder:
+        from datamodules.shards import resolve_rank
+
+        rank, world = resolve_rank()
+        clips = ucf101_real_clips(real.videos, num_frames=settings.num_frames, size=size, limit=real.fvd_videos,
+                                  split_list=real.split, rank=rank, world_size=world, batch_size=real.batch_size)
+        return (batch for batch, _ in clips), ucf101_sampling_description(
+            num_frames=settings.num_frames, size=size, limit=real.fvd_videos, split_list=real.split)
+    batches = real_batches(real.videos, "videos", size=size, limit=real.fvd_videos, batch_size=real.batch_size,
+                           num_frames=settings.num_frames, fps=settings.fps)
+    return (clips for clips, _, _ in batches), (
+        f"shards {real.videos}: the first {real.fvd_videos} clips in evaluation order, {settings.num_frames} frames "
+        f"at {settings.fps} fps (or the nearest rate a video allows), centre crop {size}x{size}")
+
+
+def score_fvd_real(metrics: EvalMetrics, real: RealData, settings: GenerationSettings, *, size: int) -> None:
+    """FVD's real side: from the statistics cached under ``real.stats_cache`` when a file with the same key (I3D
+    weights, size, frames, clip sampling) is there, else from the real clips (and then cached)."""
+    fvd = metrics.fvd
+    clips, sampling = fvd_real_clips(real, settings, size)
+    if real.stats_cache is None:
+        for batch in clips:
+            metrics.update_fvd_real(batch)
+        return
+    key = fvd.real_stats_key(resolution=size, num_frames=settings.num_frames, sampling=sampling)
+    fvd.load_or_compute_real_stats(real_stats_path(real.stats_cache, key), (b.to(fvd.device) for b in clips),
+                                   resolution=size, num_frames=settings.num_frames, sampling=sampling)
+
+
 def score_real_data(chain: Chain, metrics: EvalMetrics, real: RealData, settings: GenerationSettings, *,
                     seed: int) -> dict[str, str]:
     """FVD's real side, real motion, ↑F PSNR and SR PSNR on real validation data; returns why any of them was not
     computed."""
     pipe, skipped = chain.pipe, {}
     no_videos = _shards_reason(real.videos, "validation video shards")
+    if real.is_ucf101_folder:  # FVD reads it as the UCF-101 protocol does; the scores below need shards
+        no_videos = f"not computed: {real.videos} is a UCF-101 folder, not video shards"
     no_images = _shards_reason(real.images, "validation image shards")
     if no_videos:
         skipped["real"] = no_videos
@@ -139,13 +184,10 @@ def score_real_data(chain: Chain, metrics: EvalMetrics, real: RealData, settings
                                         batch_size=real.batch_size, num_frames=settings.num_frames, fps=settings.fps):
             metrics.update_real_motion(clips)
     if metrics.fvd is not None:
-        if no_videos:
+        if no_videos and not real.is_ucf101_folder:
             skipped["fvd"] = no_videos
         else:
-            for clips, _, _ in real_batches(real.videos, "videos", size=final_size(pipe, settings.stop_after),
-                                         limit=real.fvd_videos, batch_size=real.batch_size,
-                                         num_frames=settings.num_frames, fps=settings.fps):
-                metrics.update_fvd_real(clips)
+            score_fvd_real(metrics, real, settings, size=final_size(pipe, settings.stop_after))
     if pipe.up_F is not None:
         if no_videos:
             skipped["up_F/data"] = no_videos

@@ -22,7 +22,9 @@ import torch
 from lightning_mav.evaluation.chain import Chain, load_chain
 from lightning_mav.evaluation.options import EvalOptions
 from lightning_mav.evaluation.prompts import load_prompts
+from lightning_mav.evaluation.protocols import msrvtt_captions, ucf101_prompts
 from lightning_mav.evaluation.real_data import score_real_data
+from lightning_mav.evaluation.report import paper_rows, paper_table, write_report
 from lightning_mav.evaluation.samples import (
     from_uint8,
     generate_samples,
@@ -36,8 +38,10 @@ from lightning_mav.evaluation.samples import (
 from lightning_mav.evaluation.scores import EvalMetrics
 
 
-def write_tensorboard(metrics: dict[str, dict[str, Any]], log_dir: Path, step: int = 0) -> None:
-    """Scores as TensorBoard scalars (and the skipped ones' reasons as text) under ``log_dir``."""
+def write_tensorboard(metrics: dict[str, dict[str, Any]], log_dir: Path, step: int = 0,
+                      paper: list[dict[str, Any]] | None = None) -> None:
+    """Scores as TensorBoard scalars (and the skipped ones' reasons as text) under ``log_dir``; the comparison with
+    the paper's numbers as a text table ``paper``."""
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(log_dir)) as writer:
@@ -46,12 +50,34 @@ def write_tensorboard(metrics: dict[str, dict[str, Any]], log_dir: Path, step: i
                 writer.add_scalar(name, entry["value"], step)
             else:
                 writer.add_text(name, str(entry["value"]), step)
+        if paper:
+            writer.add_text("paper", paper_table(paper), step)
 
 
 def prompt_list(options: EvalOptions) -> list[str]:
-    """The prompts ``options`` names (see :func:`lightning_mav.evaluation.prompts.load_prompts`)."""
+    """The prompts ``options`` names: the protocol's (UCF-101: one per video to generate, spread over the classes;
+    MSR-VTT: the test captions), else :func:`lightning_mav.evaluation.prompts.load_prompts`'s."""
+    if options.protocol == "ucf101":
+        count = min(options.num_videos, 2) if options.quick else options.num_videos
+        return [prompt for prompt, _ in ucf101_prompts(options.classes, count, options.template,
+                                                       trainlist=options.class_split)]
+    if options.protocol == "msrvtt":
+        return msrvtt_captions(options.prompts, limit=options.prompt_count)
     return load_prompts(options.prompts, data=options.data, classes=options.classes, template=options.template,
                         num_prompts=options.prompt_count)
+
+
+def make_metrics(options: EvalOptions, chain: Chain, fvd_samples: int | None) -> EvalMetrics:
+    """The run's metrics on the chain's device: FVD with ``i3d``, IS with ``c3d``, CLIPSIM with the suite's CLIP and,
+    given ``clip_model``, the protocol's own CLIP (loaded from its local weights file)."""
+    protocol_clip = None
+    if options.clip_model is not None:
+        from lightning_mav.nn.clip import CLIP
+
+        protocol_clip = CLIP.from_checkpoint(options.clip_weights, model_name=options.clip_model)
+    metrics = EvalMetrics(chain.pipe.C_x, i3d=options.i3d, fvd_samples=fvd_samples, c3d=options.c3d,
+                          protocol_clip=protocol_clip)
+    return metrics.to(chain.pipe.device)
 
 
 def _share_device(device: str | None, rank: int) -> str | None:
@@ -113,7 +139,7 @@ def evaluate(options: EvalOptions | None = None, /, **overrides: Any) -> dict[st
     files, fresh = generate_all(chain, plan, options)
     t1 = time.perf_counter()
 
-    metrics = EvalMetrics(chain.pipe.C_x, i3d=options.i3d, fvd_samples=None).to(chain.pipe.device)
+    metrics = make_metrics(options, chain, fvd_samples=None)
     samples = list(zip((spec for batch in plan for spec in batch), files))
     videos = []
     for start in range(0, len(samples), options.batch_size):  # scored from the stored frames: reused == fresh
@@ -138,7 +164,9 @@ def evaluate(options: EvalOptions | None = None, /, **overrides: Any) -> dict[st
         "scored_frames": {"shapes/*, coherence/D_t, coherence/D_per_frame": "D_t's output (and the ablation's)",
                           "coherence/up_F": "↑F's output (before SR)", "clipsim, fvd": f"the final output ({ran[-1]})"},
     }}
+    result["paper"] = paper_rows(options, scores, num_videos=len(files))
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    write_tensorboard(scores, out / "tb")
+    write_tensorboard(scores, out / "tb", paper=result["paper"])
+    write_report(out, result)
     return result

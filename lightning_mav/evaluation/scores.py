@@ -11,9 +11,16 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from lightning_mav.evaluation.prompts import is_shapes_prompt
-from lightning_mav.metrics import CLIPSIM, FrechetVideoDistance, ShapesFaithfulness, TemporalCoherence
+from lightning_mav.metrics import (
+    CLIPSIM,
+    FrechetVideoDistance,
+    ShapesFaithfulness,
+    TemporalCoherence,
+    VideoInceptionScore,
+)
 
 NO_I3D = "not computed: no I3D weights (--i3d PATH)"
+NO_C3D = "not computed: no C3D weights (--c3d PATH)"
 
 _COHERENCE = ("D_t", "up_F", "D_per_frame")
 _PSNR = ("up_F", "SR_l", "SR_t", "SR_h")
@@ -26,13 +33,17 @@ class EvalMetrics(nn.Module):
         clip: the suite's CLIP (``pipe.C_x``) for CLIPSIM.
         i3d: local I3D weights for FVD (a path, or a feature network); None: no FVD.
         fvd_samples: FVD's videos per side (2048, the usual protocol; None counts all).
+        c3d: local C3D weights (UCF-101) for the video Inception Score (a path, or the network); None: no IS.
+        protocol_clip: a CLIP of the protocol's (MSR-VTT: ViT-B/32), independent of the suite's C_x: CLIPSIM on the
+            paper's scale as ``clipsim/<its model name>``; None: only the suite's.
 
     ``update_generated(Generated-like frames, prompts)``, ``update_fvd_real(videos)``, ``update_real_motion(videos)``,
     ``update_psnr(stage, scores, n)``; :meth:`results` -> ``{name: {"value": float | str, "about": str}}``.
     """
 
     def __init__(self, clip: nn.Module, *, i3d: str | Path | nn.Module | None = None,
-                 fvd_samples: int | None = 2048) -> None:
+                 fvd_samples: int | None = 2048, c3d: str | Path | nn.Module | None = None,
+                 protocol_clip: nn.Module | None = None) -> None:
         super().__init__()
         self.faithfulness = ShapesFaithfulness()
         self.faithfulness_per_frame = ShapesFaithfulness()  # the ablation's: is a miss D's (text->image) or D_t's?
@@ -42,6 +53,9 @@ class EvalMetrics(nn.Module):
         self.clipsim = CLIPSIM(clip)
         self.clip_name = str(getattr(clip, "model_name", type(clip).__name__))
         self.fvd = None if i3d is None else FrechetVideoDistance(i3d, max_samples=fvd_samples)
+        self.video_is = None if c3d is None else VideoInceptionScore(c3d)
+        self.protocol_clipsim = None if protocol_clip is None else CLIPSIM(protocol_clip)
+        self.protocol_clip_name = str(getattr(protocol_clip, "model_name", type(protocol_clip).__name__))
         self.psnr = nn.ModuleDict({stage: nn.ModuleDict({"ours": MeanMetric(), "baseline": MeanMetric()})
                                    for stage in _PSNR})
 
@@ -59,8 +73,13 @@ class EvalMetrics(nn.Module):
                 if name in frames:
                     self.coherence[name].update(frames[name])
         self.clipsim.update(frames[final], prompts)
+        if self.protocol_clipsim is not None:
+            self.protocol_clipsim.update(frames[final], prompts)
+        at_dt_times = fvd_frames(frames[final], skip if "up_F" in frames else 1)
         if self.fvd is not None:
-            self.fvd.update(fvd_frames(frames[final], skip if "up_F" in frames else 1), real=False)
+            self.fvd.update(at_dt_times, real=False)
+        if self.video_is is not None:
+            self.video_is.update(at_dt_times.to(self.video_is.device))
 
     def update_fvd_real(self, videos: Tensor) -> None:
         """Real clips ``[B, 3, F, H, W]`` for FVD's reference side."""
@@ -147,6 +166,26 @@ class EvalMetrics(nn.Module):
                 put("clipsim/suite_clip", self.clipsim.compute(), clip_about)
             except RuntimeError:
                 put("clipsim/suite_clip", None, clip_about, "not computed: no samples")
+
+            if self.protocol_clipsim is not None:
+                about = (f"CLIPSIM (mean over videos of the mean cosine of frame and prompt) of the final frames with "
+                         f"{self.protocol_clip_name}: the paper's scale with ViT-B/32 (MSR-VTT: 0.3049)")
+                try:
+                    put(f"clipsim/{self.protocol_clip_name}", self.protocol_clipsim.compute(), about)
+                except RuntimeError:
+                    put(f"clipsim/{self.protocol_clip_name}", None, about, "not computed: no samples")
+
+            is_about = "video Inception Score (C3D on UCF-101) of the final videos at D_t's frame times; higher is better"
+            if self.video_is is None:
+                put("is", None, is_about, NO_C3D)
+            else:
+                try:
+                    report = self.video_is.report()
+                    put("is", report["is"], f"{is_about}; C3D {report['weights_source']} ({report['num_videos']} "
+                                            f"videos, {report['splits']} splits)")
+                    put("is/std", report["is_std"], "standard deviation of IS over its splits")
+                except RuntimeError as e:
+                    put("is", None, is_about, f"not computed: {e}")
 
             fvd_about = "FVD of the final videos (D_t's frame times) against real validation clips; lower is better"
             if self.fvd is None:

@@ -1,0 +1,62 @@
+"""The evaluation's report: ``out/report.md`` with the paper's numbers beside ours (for ``--protocol`` runs), every
+score with what it means, and the same comparison table for ``metrics.json`` and TensorBoard."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning_mav.evaluation.options import EvalOptions
+from lightning_mav.evaluation.protocols import PAPER_RESULTS
+
+
+def _ours(metric: str, options: EvalOptions) -> tuple[str, str]:
+    """The name of our score for a paper metric, and what scored it."""
+    if metric == "fvd":
+        return "fvd", f"I3D {Path(options.i3d).name}" if options.i3d else "no I3D weights"
+    if metric == "is":
+        return "is", f"C3D {Path(options.c3d).name}" if options.c3d else "no C3D weights"
+    if options.clip_model:
+        return f"clipsim/{options.clip_model}", f"CLIP {options.clip_model} ({Path(options.clip_weights).name})"
+    return "clipsim/suite_clip", "the suite's own CLIP (not the paper's scale)"
+
+
+def paper_rows(options: EvalOptions, metrics: dict[str, dict[str, Any]], num_videos: int) -> list[dict[str, Any]]:
+    """One row per number the paper reports for ``options.protocol`` (none without a protocol): the paper's value,
+    sample count and scoring network next to ours."""
+    rows = []
+    for paper in PAPER_RESULTS.values():
+        if paper.dataset != options.protocol:
+            continue
+        name, scored_by = _ours(paper.metric, options)
+        rows.append({"metric": paper.metric, "setting": paper.setting, "ours": metrics.get(name, {}).get("value"),
+                     "our_name": name, "our_videos": num_videos, "our_scorer": scored_by, "paper": paper.value,
+                     "paper_videos": paper.num_samples, "paper_scorer": paper.model,
+                     "better": "higher" if paper.higher_is_better else "lower"})
+    return rows
+
+
+def paper_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a markdown table (what report.md and TensorBoard show)."""
+    lines = ["| metric | paper setting | ours | paper | better | our videos | paper videos | ours scored by | "
+             "paper scored by |", "|---|---|---:|---:|---|---:|---:|---|---|"]
+    for r in rows:
+        ours = f"{r['ours']:.4g}" if isinstance(r["ours"], float) else str(r["ours"])
+        lines.append(f"| {r['metric']} | {r['setting']} | {ours} | {r['paper']:g} | {r['better']} | "
+                     f"{r['our_videos']} | {r['paper_videos']} | {r['our_scorer']} | {r['paper_scorer']} |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, result: dict[str, Any]) -> Path:
+    """``out/report.md``: the comparison with the paper (when there is one), then every score."""
+    lines = ["# Evaluation", "", f"{result['run']['prompts']} prompts x {result['run']['videos_per_prompt']} videos, "
+             f"stages {' → '.join(result['run']['stages'])}, sampled in {result['run']['dtype']}.", ""]
+    if result.get("paper"):
+        lines += ["## Against the paper", "", paper_table(result["paper"]), ""]
+    lines += ["## Scores", "", "| metric | value | what it means |", "|---|---:|---|"]
+    for name, entry in result["metrics"].items():
+        value = entry["value"]
+        lines.append(f"| {name} | {value:.4f} | {entry['about']} |" if isinstance(value, float) else
+                     f"| {name} | {value} | {entry['about']} |")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
