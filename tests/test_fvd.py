@@ -1,9 +1,11 @@
-"""FVD: the Fréchet distance itself, the I3D network and its loader, the metric's states, DDP exactness."""
+"""FVD: the Fréchet distance itself, the I3D network and its loader, the metric's states, DDP exactness, the cached
+real statistics."""
 
 from __future__ import annotations
 
-import os
+import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,14 @@ import scipy.linalg
 import torch
 from torch import Tensor, nn
 
-from lightning_mav.metrics import FrechetVideoDistance, InceptionI3d, TorchScriptI3D, frechet_distance, load_i3d
+from lightning_mav.metrics import (
+    FrechetVideoDistance,
+    InceptionI3d,
+    TorchScriptI3D,
+    frechet_distance,
+    load_i3d,
+    real_stats_path,
+)
 from tests.helpers import run_ddp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -160,6 +169,23 @@ def test_fvd_is_zero_on_identical_sets_and_grows_with_noise() -> None:
     assert report["weights_source"] == "module:InceptionI3d"
 
 
+def test_fvd_of_an_independent_real_split_is_near_zero_and_grows_with_noise() -> None:
+    fvd = FrechetVideoDistance(_i3d(), resize=None, max_samples=None, reset_real_features=False)
+    real, other_real = _videos(24, seed=10), _videos(24, seed=11)  # two independent draws of the same "data"
+    fvd.update(real, real=True)
+    fvd.update(other_real, real=False)
+    independent = float(fvd.compute())
+    noise = torch.randn(other_real.shape, generator=torch.Generator().manual_seed(12))
+    scores = []
+    for sigma in (0.2, 0.4, 0.8):
+        fvd.reset()  # keeps the real statistics
+        fvd.update((other_real + sigma * noise).clamp(-1, 1), real=False)
+        scores.append(float(fvd.compute()))
+    # Sampling noise alone gives a small positive FVD; corrupted videos are far away, and farther the more noise.
+    assert 0 < independent < 0.2 * scores[0], (independent, scores)
+    assert scores[0] < scores[1] < scores[2], scores
+
+
 class _MeanFeatures(nn.Module):
     """A cheap feature network: per-channel, per-frame means -> [B, 3 * F]."""
 
@@ -212,6 +238,156 @@ def test_ddp_two_processes_match_one() -> None:
         assert result["fvd"]["fvd"] == pytest.approx(expected, rel=1e-5)
         assert result["fvd"]["num_real"] == 6 and result["fvd"]["num_fake"] == 6
         assert result["capped_real"] == 5  # 3 + 2: max_samples is a global count under DDP
+
+
+# ---------------------------------------------------------------------------------------------- cached real stats
+class _Counting(nn.Module):
+    """Wraps a feature network, counting the videos it sees; keeps its ``weights_source``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.weights_source: str = inner.weights_source
+        self.videos = 0
+
+    def features(self, x: Tensor) -> Tensor:
+        self.videos += x.shape[0]
+        return self.inner.features(x)
+
+
+def _i3d_file(path: Path, seed: int) -> Path:
+    """A random I3D saved as a state dict: its ``weights_source`` names the file and its sha256."""
+    torch.save(_i3d(seed).state_dict(), path)
+    return path
+
+
+def _unreadable() -> Iterator[Tensor]:
+    """Real batches that must not be read."""
+    raise AssertionError("real videos were read although their statistics are cached")
+    yield  # a generator: nothing runs until it is iterated
+
+
+def test_real_statistics_are_computed_once_then_loaded(tmp_path: Path) -> None:
+    weights = _i3d_file(tmp_path / "i3d.pt", seed=0)
+    real, fake = _videos(8, seed=20, frames=8, size=16), _videos(6, seed=21, frames=8, size=16)
+    clips = {"resolution": 16, "num_frames": 8, "sampling": {"data": "synthetic", "offset": "first frame"}}
+
+    first_net = _Counting(load_i3d(weights))
+    first = FrechetVideoDistance(first_net, resize=None, max_samples=None)
+    key = first.real_stats_key(**clips)
+    assert json.loads(key) == {"detector": first_net.weights_source, "resolution": [16, 16], "num_frames": 8,
+                               "sampling": {"data": "synthetic", "offset": "first frame"}, "resize": None,
+                               "max_samples": None}
+    assert "sha256=" in json.loads(key)["detector"]
+    path = real_stats_path(tmp_path / "cache", key)
+    assert first.load_or_compute_real_stats(path, iter([real[:5], real[5:]]), **clips) is False
+    assert first_net.videos == 8 and path.is_file() and first.real_stats_file == str(path)
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
+    first.update(fake, real=False)
+    fvd_first = float(first.compute())
+    plain = FrechetVideoDistance(load_i3d(weights), resize=None, max_samples=None)
+    plain.update(real, real=True)
+    plain.update(fake, real=False)
+    assert fvd_first == pytest.approx(float(plain.compute()), abs=1e-10)
+
+    # Second run: loaded; the detector sees only the generated videos.
+    second_net = _Counting(load_i3d(weights))
+    second = FrechetVideoDistance(second_net, resize=None, max_samples=None)
+    assert second.load_or_compute_real_stats(path, _unreadable(), **clips) is True
+    assert second_net.videos == 0 and second.real_stats_file == str(path)
+    second.update(fake, real=False)
+    assert second_net.videos == 6
+    assert float(second.compute()) == pytest.approx(fvd_first, abs=1e-10)
+    assert second.report()["num_real"] == 8 and second.report()["num_fake"] == 6
+    second.reset()  # the loaded statistics stay
+    second.update(fake, real=False)
+    assert float(second.compute()) == pytest.approx(fvd_first, abs=1e-10)
+    with pytest.raises(RuntimeError, match="real statistics come from"):
+        second.update(real, real=True)
+
+    # Another key (clip sampling, frame count, detector weights, sample cap) is another file, and this file is
+    # refused, not used.
+    other_weights = _i3d_file(tmp_path / "i3d_other.pt", seed=1)
+    others = [
+        (FrechetVideoDistance(load_i3d(weights), resize=None, max_samples=None),
+         {**clips, "sampling": {"data": "synthetic", "offset": "random"}}),
+        (FrechetVideoDistance(load_i3d(weights), resize=None, max_samples=None), {**clips, "num_frames": 16}),
+        (FrechetVideoDistance(load_i3d(other_weights), resize=None, max_samples=None), clips),
+        (FrechetVideoDistance(load_i3d(weights), resize=None, max_samples=2048), clips),
+    ]
+    for metric, other_clips in others:
+        other_key = metric.real_stats_key(**other_clips)
+        assert other_key != key and real_stats_path(tmp_path / "cache", other_key) != path
+        with pytest.raises(ValueError, match="holds FVD real statistics for another key") as err:
+            metric.load_or_compute_real_stats(path, _unreadable(), **other_clips)
+        assert str(path) in str(err.value) and other_key in str(err.value) and "\n" not in str(err.value)
+        assert metric.real_stats_file is None and int(metric.real_count) == 0
+    # Batches that do not match the key are refused before anything is written.
+    wrong = tmp_path / "cache" / "wrong.pt"
+    with pytest.raises(ValueError, match=r"do not match the cache key \(8 frames of 32x32\)"):
+        FrechetVideoDistance(load_i3d(weights), resize=None).load_or_compute_real_stats(
+            wrong, iter([real]), **{**clips, "resolution": 32})
+    assert not wrong.exists()
+
+
+def test_real_statistics_file_is_written_atomically_and_checked(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    fvd = FrechetVideoDistance(_MeanFeatures(), num_features=12, resize=None)
+    fvd.update(torch.rand(5, 3, 4, 8, 8) * 2 - 1, real=True)
+    key = fvd.real_stats_key(resolution=8, num_frames=4, sampling="every clip from frame 0")
+    path = fvd.save_real_stats(tmp_path / "real.pt", key)
+    written = path.read_bytes()
+
+    def torn_save(obj: object, f: str, *args: object, **kwargs: object) -> None:
+        Path(f).write_bytes(b"PK\x03\x04 half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        fvd.save_real_stats(path, key)  # over an existing file: it stays whole
+    with pytest.raises(OSError, match="disk full"):
+        fvd.save_real_stats(tmp_path / "new.pt", key)  # a new file: none appears
+    monkeypatch.undo()
+    assert path.read_bytes() == written and list(tmp_path.iterdir()) == [path]
+
+    loaded = FrechetVideoDistance(_MeanFeatures(), num_features=12, resize=None)
+    loaded.load_real_stats(path, key)
+    for a, b in zip(loaded.real_gaussian(), fvd.real_gaussian(), strict=True):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    with pytest.raises(FileNotFoundError, match="FVD real statistics not found at"):
+        loaded.load_real_stats(tmp_path / "missing.pt", key)
+    bad = tmp_path / "bad.pt"
+    for content, message in (
+        (lambda: bad.write_text("not statistics"), "is not an FVD real-statistics file"),
+        (lambda: torch.save({"mean": torch.zeros(12)}, bad), "is not an FVD real-statistics file"),
+        (lambda: torch.save({**torch.load(path, weights_only=True), "mean": torch.zeros(3)}, bad), "malformed"),
+    ):
+        content()
+        with pytest.raises(ValueError, match=message) as err:
+            loaded.load_real_stats(bad, key)
+        assert str(bad) in str(err.value) and "\n" not in str(err.value)
+
+
+def _ddp_cache_worker(rank: int, world: int, real: Tensor, fake: Tensor, path: str) -> dict:
+    fvd = FrechetVideoDistance(_MeanFeatures(), num_features=3 * 8, resize=None, max_samples=None)
+    loaded = fvd.load_or_compute_real_stats(path, iter([real[rank::world]]), resolution=16, num_frames=8,
+                                            sampling="all")
+    fvd.update(fake[rank::world], real=False)
+    return {"loaded": loaded, **fvd.report()}
+
+
+def test_ddp_real_statistics_cache_matches_one_process(tmp_path: Path) -> None:
+    real, fake = _videos(7, seed=30, frames=8, size=16), _videos(6, seed=31, frames=8, size=16)
+    single = FrechetVideoDistance(_MeanFeatures(), num_features=3 * 8, resize=None, max_samples=None)
+    single.update(real, real=True)
+    single.update(fake, real=False)
+    expected = float(single.compute())
+    path = str(tmp_path / "real.pt")
+    for loaded in (False, True):  # computed by both ranks and written by rank 0, then loaded by both
+        for result in run_ddp(_ddp_cache_worker, real, fake, path, world_size=2):
+            assert result["loaded"] is loaded
+            assert result["fvd"] == pytest.approx(expected, rel=1e-9)
+            assert result["num_real"] == 7 and result["num_fake"] == 6
 
 
 # ---------------------------------------------------------------------------------------------- frame FID / IS

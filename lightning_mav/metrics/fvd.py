@@ -11,10 +11,16 @@ records where its weights came from: ``metric.weights_source``, also returned by
 
 ``compute()`` returns the scalar FVD (a float64 tensor) so that the metric logs like any other; use
 ``report()`` for ``{"fvd", "weights_source", "num_real", "num_fake"}``.
+
+The real side can be computed once and cached (``lightning_mav.metrics.real_stats``): ``real_stats_key(...)`` names
+what the real statistics depend on, ``save_real_stats(path, key)`` / ``load_real_stats(path, key)`` write and read
+them (mean, covariance, count; a file written under another key is refused), ``load_or_compute_real_stats``
+does whichever applies.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from copy import deepcopy
 from pathlib import Path
 from typing import Any
@@ -25,7 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lightning_mav.metrics.ddp import rank_share
 from lightning_mav.metrics.i3d import load_i3d
+from lightning_mav.metrics.real_stats import RealStats, pair, read_real_stats, real_stats_key, write_real_stats
 
 __all__ = ["FrechetVideoDistance", "frechet_distance", "resize_video"]
 
@@ -78,6 +86,11 @@ def resize_video(videos: Tensor, size: tuple[int, int]) -> Tensor:
     return frames.reshape(b, f, c, *size).permute(0, 2, 1, 3, 4)
 
 
+def _is_distributed() -> bool:
+    """Whether a default process group is up (the cache's write-on-rank-0-then-wait applies)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 class FrechetVideoDistance(Metric):
     """FVD between real and generated videos; DDP-exact, memory O(d^2) whatever the sample count.
 
@@ -104,6 +117,11 @@ class FrechetVideoDistance(Metric):
     broadcasts; it follows the inputs' device on ``update``.
 
     Use ``update(videos, real=...)`` and ``compute()``; ``forward`` on one batch is not meaningful.
+
+    Cached real statistics (``load_real_stats`` / ``load_or_compute_real_stats``) replace the real side: they are
+    held beside the states (the same on every rank, never summed), survive ``reset()``, and ``update(...,
+    real=True)`` is refused while they are in use. Under DDP every rank must call these methods (the real sums are
+    synced; rank 0 writes the file) and all ranks must see the same file system.
     """
 
     is_differentiable = False
@@ -142,6 +160,9 @@ class FrechetVideoDistance(Metric):
             raise ValueError(f"max_samples must be >= 2 (a covariance needs two samples), got {max_samples}")
         self.max_samples = max_samples
         self.reset_real_features = reset_real_features
+        # Loaded real Gaussian (mean [d], covariance [d, d], count), float64 on the CPU; None: use the real sums.
+        self._cached_real: RealStats | None = None
+        self.real_stats_file: str | None = None  # where the cached real statistics came from
         for side in ("real", "fake"):
             self.add_state(f"{side}_sum", torch.zeros(num_features, dtype=torch.float64), dist_reduce_fx="sum")
             self.add_state(
@@ -155,15 +176,6 @@ class FrechetVideoDistance(Metric):
     def network(self) -> nn.Module:
         """The frozen feature network (I3D)."""
         return self._network
-
-    def _local_cap(self) -> int | None:
-        """This rank's share of ``max_samples`` (all of it without DDP)."""
-        if self.max_samples is None:
-            return None
-        world, rank = 1, 0
-        if dist.is_available() and dist.is_initialized():
-            world, rank = dist.get_world_size(self.process_group), dist.get_rank(self.process_group)
-        return self.max_samples // world + int(rank < self.max_samples % world)
 
     @torch.no_grad()
     def extract_features(self, videos: Tensor) -> Tensor:
@@ -185,9 +197,11 @@ class FrechetVideoDistance(Metric):
 
     def update(self, videos: Tensor, real: bool) -> None:
         """Add a batch ``videos [B, 3, F, H, W]`` in [-1, 1] to the real (``real=True``) or generated side."""
+        if real and self._cached_real is not None:
+            raise RuntimeError(f"the real statistics come from {self.real_stats_file}; real videos are not added")
         side = "real" if real else "fake"
         count: Tensor = getattr(self, f"{side}_count")
-        cap = self._local_cap()
+        cap = rank_share(self.max_samples, self.process_group)
         if cap is not None:
             room = cap - int(count)
             if room <= 0:
@@ -208,11 +222,12 @@ class FrechetVideoDistance(Metric):
 
     def compute(self) -> Tensor:
         """FVD, a float64 scalar. Needs at least two real and two generated videos."""
-        if self.real_count < 2 or self.fake_count < 2:
+        num_real = self._cached_real[2] if self._cached_real is not None else int(self.real_count)
+        if num_real < 2 or self.fake_count < 2:
             raise RuntimeError(
-                f"FVD needs >= 2 real and >= 2 generated videos, got {int(self.real_count)} and {int(self.fake_count)}"
+                f"FVD needs >= 2 real and >= 2 generated videos, got {num_real} and {int(self.fake_count)}"
             )
-        mu_r, sigma_r = self._gaussian("real")
+        mu_r, sigma_r = self._cached_real[:2] if self._cached_real is not None else self._gaussian("real")
         mu_f, sigma_f = self._gaussian("fake")
         # On CPU: float64 eigen-decompositions everywhere (some accelerators lack float64); 400x400 is cheap.
         fvd = frechet_distance(mu_r.cpu(), sigma_r.cpu(), mu_f.cpu(), sigma_f.cpu())
@@ -223,7 +238,99 @@ class FrechetVideoDistance(Metric):
         fvd = float(self.compute())
         with self.sync_context(should_sync=self._to_sync, should_unsync=True):
             num_real, num_fake = int(self.real_count), int(self.fake_count)
+        if self._cached_real is not None:
+            num_real = self._cached_real[2]
         return {"fvd": fvd, "weights_source": self.weights_source, "num_real": num_real, "num_fake": num_fake}
+
+    # ------------------------------------------------------------------------------------- cached real statistics
+    def real_stats_key(self, *, resolution: int | tuple[int, int], num_frames: int,
+                       sampling: str | Mapping[str, Any]) -> str:
+        """The module's ``real_stats_key`` for this metric (its ``weights_source``, ``resize``, ``max_samples``)."""
+        return real_stats_key(self.weights_source, resolution=resolution, num_frames=num_frames, sampling=sampling,
+                              resize=self.resize, max_samples=self.max_samples)
+
+    def real_gaussian(self) -> RealStats:
+        """The real side's mean ``[d]``, covariance ``[d, d]`` (float64, CPU) and count: the cached statistics if
+        loaded, else from the real sums (synced under DDP)."""
+        if self._cached_real is not None:
+            return self._cached_real
+        with self.sync_context(should_sync=self._to_sync, should_unsync=True):
+            count = int(self.real_count)
+            if count < 2:
+                raise RuntimeError(f"the real statistics need >= 2 real videos, got {count}")
+            mean, cov = self._gaussian("real")
+        return mean.cpu(), cov.cpu(), count
+
+    def save_real_stats(self, path: str | Path, key: str) -> Path:
+        """Write the real side's Gaussian under ``key`` (see ``real_stats_key``) to ``path``, atomically; the path.
+
+        Under DDP every rank calls it (the real sums are synced); rank 0 writes, the others wait for the file.
+        """
+        return self._write_real_stats(Path(path).expanduser(), key, self.real_gaussian())
+
+    def _write_real_stats(self, path: Path, key: str, stats: RealStats) -> Path:
+        """Rank 0 writes ``stats`` to ``path``; the other ranks wait until the file is there."""
+        if not _is_distributed() or dist.get_rank(self.process_group) == 0:
+            write_real_stats(path, key, stats)
+        if _is_distributed():
+            dist.barrier(group=self.process_group)
+        return path
+
+    def load_real_stats(self, path: str | Path, key: str) -> None:
+        """Use the real statistics saved at ``path`` under ``key`` instead of real videos.
+
+        Raises ``FileNotFoundError`` for a missing file and a one-line ``ValueError`` for a file of another kind,
+        one written under another key (both keys are named), or statistics of another width (``read_real_stats``).
+        The real sums are cleared; the loaded statistics stay across ``reset()``.
+        """
+        path = Path(path).expanduser()
+        self._use_real_stats(read_real_stats(path, key, self.num_features), path)
+
+    def _use_real_stats(self, stats: RealStats, path: Path) -> None:
+        """Hold ``stats`` as the real side and clear the real sums (they must not be added on top)."""
+        self._cached_real = stats
+        self.real_stats_file = str(path)
+        for name in ("real_sum", "real_outer_sum", "real_count"):
+            setattr(self, name, torch.zeros_like(getattr(self, name)))
+
+    def load_or_compute_real_stats(
+        self,
+        path: str | Path,
+        real_videos: Iterable[Tensor],
+        *,
+        resolution: int | tuple[int, int],
+        num_frames: int,
+        sampling: str | Mapping[str, Any],
+    ) -> bool:
+        """The real statistics from the cache file ``path`` if there is one, else computed and saved there.
+
+        Args:
+            path: the cache file (``real_stats_path(cache_dir, key)`` gives one per key).
+            real_videos: batches ``[B, 3, num_frames, *resolution]`` in [-1, 1]; iterated only when there is no
+                cache file (a DataLoader or a generator costs nothing when the statistics are loaded).
+            resolution, num_frames, sampling: the key's fields (see ``real_stats_key``); batches of another
+                size are refused, so a cache file is never labelled with the wrong resolution or length.
+
+        Returns:
+            True when the statistics were loaded, False when they were computed (and saved). A file written under
+            another key raises ``ValueError`` (see ``load_real_stats``): it is never used nor overwritten.
+        """
+        key = self.real_stats_key(resolution=resolution, num_frames=num_frames, sampling=sampling)
+        path = Path(path).expanduser()
+        if path.exists():
+            self.load_real_stats(path, key)
+            return True
+        h, w = pair(resolution)
+        for videos in real_videos:
+            if videos.ndim != 5 or videos.shape[2] != num_frames or tuple(videos.shape[3:]) != (h, w):
+                raise ValueError(f"real videos of shape {tuple(videos.shape)} do not match the cache key "
+                                 f"({num_frames} frames of {h}x{w}); their statistics would be mislabelled")
+            self.update(videos, real=True)
+        stats = self.real_gaussian()
+        self._write_real_stats(path, key, stats)
+        # From now on the real side is exactly what the file holds, as when it is loaded next time.
+        self._use_real_stats(stats, path)
+        return False
 
     def reset(self) -> None:
         """Reset states; keeps the real statistics when ``reset_real_features=False``."""
