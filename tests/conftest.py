@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from tests.helpers import single_thread
+from tests.helpers import single_thread, write_ucf101
 
 
 @pytest.fixture(autouse=True)
@@ -39,3 +40,11 @@ def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("shapes")
     return Path(generate(out, num_images=64, num_videos=16, num_val_images=16, num_val_videos=8,
                          image_size=32, video_size=32, seed=0))
+
+
+@pytest.fixture(scope="session")
+def ucf101(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray]]:
+    """A UCF-101-style folder ``UCF-101/<ClassName>/v_<ClassName>_gXX_cYY.avi`` (tests.helpers.VIDEOS) and each
+    key's frames."""
+    root = tmp_path_factory.mktemp("data") / "UCF-101"
+    return root, write_ucf101(root)

@@ -14,6 +14,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import av
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
@@ -240,3 +242,58 @@ def read_events(path: Path) -> EventAccumulator:
     acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     return acc
+
+
+# ------------------------------------------------------------------ a UCF-101-style folder of .avi files
+CLASSES = ["RedCircle", "BlueSquare", "GreenTriangle"]  # Moving Shapes colour x shape, in UCF-101 CamelCase
+H, W = 48, 64  # frames wider than tall: a 48 px clip is the centre 48 columns, 8..56, with no resizing
+# (class, file name, frames): 6 videos of different lengths, so random starts differ between them
+VIDEOS = [("RedCircle", "v_RedCircle_g01_c01", 30), ("RedCircle", "v_RedCircle_g01_c02", 24),
+          ("RedCircle", "v_RedCircle_g02_c01", 27), ("BlueSquare", "v_BlueSquare_g01_c01", 20),
+          ("BlueSquare", "v_BlueSquare_g02_c01", 29), ("GreenTriangle", "v_GreenTriangle_g01_c01", 25)]
+
+
+def synthetic_frames(num: int, variant: int) -> np.ndarray:
+    """uint8 ``[num, H, W, 3]``: a background brightening 6 levels a frame and a 12 px square moving 1 px a frame to
+    the right, at a height that depends on ``variant`` (each video its own): every frame differs from its
+    neighbours by far more than the codec's error, so a decoded frame tells which native frame it was."""
+    frames = np.empty((num, H, W, 3), np.uint8)
+    for t in range(num):
+        frames[t] = 40 + 6 * t
+        top = 4 + 4 * variant
+        frames[t, top:top + 12, 4 + t:16 + t] = (230, 40, 40)
+    return frames
+
+
+def write_avi(path: Path, frames: np.ndarray, fps: int = 25) -> None:
+    """An MPEG-4 Part 2 .avi tagged XVID, as UCF-101 ships (25 fps), a keyframe every 12 frames so clips that start
+    later are reached by seeking; the finest fixed quantiser keeps the codec's error ~2 levels (~6 without)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w", format="avi") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.codec_context.codec_tag = "XVID"
+        stream.options = {"g": "12", "flags": "+qscale", "global_quality": "118"}  # fixed quantiser 1 (118 = 1 qp)
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def write_ucf101(root: Path) -> dict[str, np.ndarray]:
+    """A UCF-101-style folder ``root/<ClassName>/v_<ClassName>_gXX_cYY.avi`` of :data:`VIDEOS`; each key's frames."""
+    frames = {}
+    for variant, (cls, name, num) in enumerate(VIDEOS):
+        frames[name] = synthetic_frames(num, variant)
+        write_avi(root / cls / f"{name}.avi", frames[name])
+    return frames
+
+
+def save_torchscript(module: torch.nn.Module, path: Path) -> Path:
+    """``module`` scripted and saved as TorchScript, the file format of StyleGAN-V's I3D and C3D detectors."""
+    import warnings
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated, but the detectors' format is TorchScript
+        torch.jit.save(torch.jit.script(module.eval()), str(path))
+    return path

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,11 +20,13 @@ from lightning_mav.evaluation.real_data import RealData, item_noise, real_batche
 from lightning_mav.evaluation.samples import load_sample, plan_samples, sample_name
 from lightning_mav.evaluation.scores import NO_I3D
 from lightning_mav.media import read_video
-from lightning_mav.metrics import TemporalCoherence, parse_prompt
+from lightning_mav.metrics import CLIPSIM, TemporalCoherence, parse_prompt
+from lightning_mav.metrics.c3d import C3D
+from lightning_mav.nn.clip import CLIP
 from lightning_mav.nn.mixed_precision import native_bf16
 from lightning_mav.pipeline import GenerationSettings
 from lightning_mav.trainer_cli import EXPERIMENTS, MAVCLI
-from tests.helpers import train_tiny_chain
+from tests.helpers import CLASSES, save_torchscript, train_tiny_chain
 
 EXPECTED = {
     "shapes/color", "shapes/shape", "shapes/size", "shapes/all",
@@ -32,7 +34,7 @@ EXPECTED = {
     "coherence/D_t", "coherence/D_t/smoothness", "coherence/D_t/background",
     "coherence/D_per_frame", "coherence/D_per_frame/smoothness", "coherence/gain", "coherence/up_F",
     "coherence/real", "motion/D_t/speed", "motion/real/speed", "motion/speed_ratio",
-    "clipsim/suite_clip", "fvd", "interp/psnr", "interp/linear_blend_psnr", "interp/gain",
+    "clipsim/suite_clip", "fvd", "is", "interp/psnr", "interp/linear_blend_psnr", "interp/gain",
     *(f"sr/{s}/{m}" for s in ("SR_l", "SR_t", "SR_h") for m in ("psnr", "bicubic_psnr", "gain")),
 }
 
@@ -59,11 +61,13 @@ class _FakeI3D(nn.Module):
 
 @pytest.fixture(scope="module")
 def i3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("i3d") / "i3d_torchscript.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit.script is deprecated, but the detector format is TorchScript
-        torch.jit.save(torch.jit.script(_FakeI3D()), str(path))
-    return path
+    return save_torchscript(_FakeI3D(), tmp_path_factory.mktemp("i3d") / "i3d_torchscript.pt")
+
+
+@pytest.fixture(scope="module")
+def c3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init C3D in StyleGAN-V's file format (TorchScript, ``c3d_ucf101.pt``)."""
+    return save_torchscript(C3D(), tmp_path_factory.mktemp("c3d") / "c3d_ucf101.pt")
 
 
 # ----------------------------------------------------------------------------------------------------- prompts
@@ -163,12 +167,13 @@ def test_real_data_scores_do_not_depend_on_batching(runs: Path, shapes_root: Pat
 
 
 # ----------------------------------------------------------------------------------------------------- evaluate()
-def test_evaluate_writes_metrics_videos_and_reuses_samples(runs: Path, shapes_root: Path, i3d: Path, tmp_path: Path,
+def test_evaluate_writes_metrics_videos_and_reuses_samples(runs: Path, shapes_root: Path, i3d: Path, c3d: Path,
+                                                           tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "eval"
     result = ev.evaluate(runs=runs, data=shapes_root, out=out, num_prompts=2, num_frames=4, quick=True, i3d=i3d,
-                         progress=False)
+                         c3d=c3d, is_splits=2, progress=False)
 
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["metrics"] == result["metrics"]
@@ -183,6 +188,7 @@ def test_evaluate_writes_metrics_videos_and_reuses_samples(runs: Path, shapes_ro
     assert 0 <= metrics["shapes/all"]["value"] <= 1 and 0 <= metrics["coherence/D_t"]["value"] <= 1
     assert "suite's own CLIP (tiny" in metrics["clipsim/suite_clip"]["about"]
     assert "torchscript:i3d_torchscript.pt" in metrics["fvd"]["about"]
+    assert "torchscript:c3d_ucf101.pt" in metrics["is"]["about"] and 1 <= metrics["is"]["value"] <= 101
     assert metrics["fvd/num_generated"]["value"] == 2.0
     assert result["run"]["generated"] == 2 and result["run"]["reused"] == 0
     assert result["run"]["stages"] == ["P", "D_t", "up_F", "SR_t"]
@@ -276,6 +282,83 @@ def test_generation_processes_make_the_samples_one_process_makes(runs: Path, sha
         assert all(torch.equal(a["frames"][k], b["frames"][k]) for k in a["frames"]), name
     again = ev.evaluate(out=tmp_path / "two", processes=2, **common)  # a restart reuses every sample
     assert again["run"]["generated"] == 0 and again["run"]["reused"] == 3
+
+
+# ----------------------------------------------------------------------------------------------------- protocols
+def test_ucf101_protocol_end_to_end(runs: Path, ucf101: tuple[Path, dict], i3d: Path, c3d: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    class_ind = tmp_path / "classInd.txt"
+    class_ind.write_text("".join(f"{i} {name}\n" for i, name in enumerate(CLASSES, 1)))
+    args = ["--protocol", "ucf101", "--runs", str(runs), "--classes", str(class_ind), "--num-videos", "4",
+            "--i3d", str(i3d), "--c3d", str(c3d), "--is-splits", "2", "--real-videos", str(ucf101[0]), "--fvd-videos", "5",
+            "--num-frames", "4", "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "eval"),
+            "--stats-cache", str(tmp_path / "stats"), "--dtype", "fp32", "--no-progress"]
+    result = evaluate_command(args)
+    metrics, run = result["metrics"], result["run"]
+    # 4 videos over 3 classes, the class names as prompts (the first class twice)
+    prompts = sorted(load_sample(f)["prompt"] for f in (tmp_path / "eval" / "samples").glob("*.pt"))
+    assert prompts == ["blue square", "green triangle", "red circle", "red circle"]
+    assert metrics["fvd/num_real"]["value"] == 5 and metrics["fvd/num_generated"]["value"] == 4
+    assert math.isfinite(metrics["fvd"]["value"]) and 1 <= metrics["is"]["value"] <= 101
+    rows = {(r["metric"], r["setting"]): r for r in result["paper"]}
+    assert set(rows) == {("fvd", "zero-shot"), ("is", "zero-shot"), ("fvd", "fine-tuned"), ("is", "fine-tuned")}
+    assert rows["fvd", "zero-shot"]["paper"] == 367.23 and rows["is", "zero-shot"]["paper"] == 33.0
+    assert rows["fvd", "zero-shot"]["ours"] == metrics["fvd"]["value"] and rows["is", "zero-shot"]["our_videos"] == 4
+    assert rows["is", "zero-shot"]["our_scorer"] == "C3D c3d_ucf101.pt"
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "## Against the paper" in report and "| fvd | zero-shot |" in report and "| 367.23 |" in report
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["paper"] == result["paper"]
+    assert run["generated"] == 4 and "sr/SR_t/psnr" in metrics  # video-shard scores: skipped, with the reason
+    assert "UCF-101 folder" in metrics["interp/psnr"]["value"]
+    (cached,) = (tmp_path / "stats").glob("fvd_real_*.pt")
+
+    # A rerun reads no real video (the statistics come from the cache) and generates nothing: the same scores.
+    def no_real_videos(*args: object, **kwargs: object) -> Iterator[tuple[Tensor, list[str]]]:
+        raise AssertionError("real UCF-101 clips read although their statistics are cached")
+        yield  # a generator, as the real one: only reading a clip fails
+
+    monkeypatch.setattr("lightning_mav.evaluation.real_data.ucf101_real_clips", no_real_videos)
+    again = evaluate_command(args)
+    assert again["run"]["generated"] == 0 and again["metrics"]["fvd"] == metrics["fvd"]
+    assert again["metrics"]["is"] == metrics["is"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        evaluate_command(["--protocol", "ucf101", "--runs", str(runs)])
+    assert capsys.readouterr().err.strip() == \
+        "error: classes: --protocol ucf101 needs UCF-101's classInd.txt (--classes FILE)"
+
+
+def test_msrvtt_protocol_clipsim_with_its_own_clip(runs: Path, shapes_root: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    captions = tmp_path / "test_videodatainfo.json"
+    captions.write_text(json.dumps({
+        "videos": [{"video_id": "video0", "split": "train"}, {"video_id": "video7010", "split": "test"},
+                   {"video_id": "video7011", "split": "test"}],
+        "sentences": [{"video_id": "video7010", "caption": "a red circle moving"},
+                      {"video_id": "video0", "caption": "a train caption"},
+                      {"video_id": "video7011", "caption": "a blue square sliding"},
+                      {"video_id": "video7010", "caption": "a small red circle"}]}))
+    weights = tmp_path / "mav_tiny.pt"
+    torch.save(CLIP("mav-tiny").model.state_dict(), weights)  # open_clip's file format: the model's state dict
+    result = ev.evaluate(protocol="msrvtt", prompts=str(captions), clip_model="mav-tiny", clip_weights=str(weights),
+                         runs=runs, data=shapes_root, out=tmp_path / "eval", num_frames=4, steps=1, dtype="fp32",
+                         progress=False)
+    samples = [load_sample(f) for f in sorted((tmp_path / "eval" / "samples").glob("*.pt"))]
+    assert [s["prompt"] for s in samples] == ["a red circle moving", "a blue square sliding", "a small red circle"]
+    # CLIPSIM on the paper's scale: that CLIP on the stored final frames, nothing of the suite's C_x
+    direct = CLIPSIM(CLIP.from_checkpoint(weights, model_name="mav-tiny"))
+    direct.update(torch.stack([s["frames"][s["final"]].float() / 127.5 - 1 for s in samples]).transpose(1, 2),
+                  [s["prompt"] for s in samples])
+    ours = result["metrics"]["clipsim/mav-tiny"]["value"]
+    assert ours == pytest.approx(float(direct.compute()), abs=1e-6)
+    assert ours != pytest.approx(result["metrics"]["clipsim/suite_clip"]["value"], abs=1e-6)
+    (row,) = result["paper"]
+    assert row["metric"] == "clipsim" and row["paper"] == 0.3049 and row["ours"] == ours
+    assert row["our_scorer"] == "CLIP mav-tiny (mav_tiny.pt)" and row["paper_videos"] == 59_794
+    with pytest.raises(SystemExit):
+        evaluate_command(["--protocol", "msrvtt", "--prompts", str(captions), "--clip-model", "ViT-B-32"])
+    assert capsys.readouterr().err.strip().endswith("clip_model, clip_weights: give both (an open_clip name and its "
+                                                    "local weights file)")
 
 
 # ----------------------------------------------------------------------------------------------------- lightning test

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -6,7 +6,6 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -15,51 +14,9 @@ from datamodules.decode import ClipPlan, decode_planned_clip
 from datamodules.skips import SkipCounter
 from lightning_mav.evaluation.protocols import (PAPER_RESULTS, msrvtt_captions, ucf101_clip_start, ucf101_prompts,
                                                 ucf101_real_clips, ucf101_sampling_description, ucf101_videos)
+from tests.helpers import CLASSES, VIDEOS, H, synthetic_frames, write_avi
 
-CLASSES = ["RedCircle", "BlueSquare", "GreenTriangle"]  # Moving Shapes colour x shape, in UCF-101 CamelCase
-H, W = 48, 64  # frames wider than tall: a 48 px clip is the centre 48 columns, 8..56, with no resizing
-# (class, file name, frames): 6 videos of different lengths, so random starts differ between them
-VIDEOS = [("RedCircle", "v_RedCircle_g01_c01", 30), ("RedCircle", "v_RedCircle_g01_c02", 24),
-          ("RedCircle", "v_RedCircle_g02_c01", 27), ("BlueSquare", "v_BlueSquare_g01_c01", 20),
-          ("BlueSquare", "v_BlueSquare_g02_c01", 29), ("GreenTriangle", "v_GreenTriangle_g01_c01", 25)]
 F = 8  # frames per real clip in these tests (16 in the protocol; 8 keeps the videos short)
-
-
-def synthetic_frames(num: int, variant: int) -> np.ndarray:
-    """uint8 ``[num, H, W, 3]``: a background brightening 6 levels a frame and a 12 px square moving 1 px a frame to
-    the right, at a height that depends on ``variant`` (each video its own): every frame differs from its
-    neighbours by far more than the codec's error, so a decoded frame tells which native frame it was."""
-    frames = np.empty((num, H, W, 3), np.uint8)
-    for t in range(num):
-        frames[t] = 40 + 6 * t
-        top = 4 + 4 * variant
-        frames[t, top:top + 12, 4 + t:16 + t] = (230, 40, 40)
-    return frames
-
-
-def write_avi(path: Path, frames: np.ndarray, fps: int = 25) -> None:
-    """An MPEG-4 Part 2 .avi tagged XVID, as UCF-101 ships (25 fps), a keyframe every 12 frames so clips that start
-    later are reached by seeking; the finest fixed quantiser keeps the codec's error ~2 levels (~6 without)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w", format="avi") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        stream.codec_context.codec_tag = "XVID"
-        stream.options = {"g": "12", "flags": "+qscale", "global_quality": "118"}  # fixed quantiser 1 (118 = 1 qp)
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-
-
-@pytest.fixture(scope="module")
-def ucf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray]]:
-    """A UCF-101-style folder ``UCF-101/<ClassName>/v_<ClassName>_gXX_cYY.avi`` and each key's frames."""
-    root = tmp_path_factory.mktemp("data") / "UCF-101"
-    frames = {}
-    for variant, (cls, name, num) in enumerate(VIDEOS):
-        frames[name] = synthetic_frames(num, variant)
-        write_avi(root / cls / f"{name}.avi", frames[name])
-    return root, frames
 
 
 def as_uint8(clip: torch.Tensor) -> np.ndarray:
@@ -85,8 +42,8 @@ def one_line(error: pytest.ExceptionInfo[BaseException], *parts: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ real clips
 @pytest.mark.parametrize("offset", ["random", "center", "first"])
-def test_real_clips_are_the_frames_the_rule_names(ucf, offset) -> None:
-    root, frames = ucf
+def test_real_clips_are_the_frames_the_rule_names(ucf101, offset) -> None:
+    root, frames = ucf101
     batches = list(ucf101_real_clips(root, num_frames=F, size=H, limit=None, batch_size=4, offset=offset))
     assert [x.shape for x, _ in batches] == [(4, 3, F, H, H), (2, 3, F, H, H)]
     assert all(x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1 for x, _ in batches)
@@ -121,8 +78,8 @@ def test_clip_start_depends_on_seed_and_key_only() -> None:
     assert getattr(error.value, "reason", None) == "too_short_video"
 
 
-def test_real_clips_deterministic_across_calls_batches_and_ranks(ucf) -> None:
-    root, _ = ucf
+def test_real_clips_deterministic_across_calls_batches_and_ranks(ucf101) -> None:
+    root, _ = ucf101
     single = collect(ucf101_real_clips(root, num_frames=F, size=H, limit=None, batch_size=4))
     again = collect(ucf101_real_clips(root, num_frames=F, size=H, limit=None, batch_size=3))
     assert list(again) == list(single) and all(torch.equal(again[k], single[k]) for k in single)
@@ -134,8 +91,8 @@ def test_real_clips_deterministic_across_calls_batches_and_ranks(ucf) -> None:
     assert all(torch.equal(share[k], single[k]) for share in shares for k in share)  # the same clip on any rank
 
 
-def test_real_clips_limit_is_a_seeded_subset_in_file_order(ucf) -> None:
-    root, _ = ucf
+def test_real_clips_limit_is_a_seeded_subset_in_file_order(ucf101) -> None:
+    root, _ = ucf101
     first = collect(ucf101_real_clips(root, num_frames=F, size=H, limit=3, batch_size=8))
     assert len(first) == 3 and list(first) == sorted(first)
     assert list(collect(ucf101_real_clips(root, num_frames=F, size=H, limit=3, batch_size=8))) == list(first)
@@ -145,8 +102,8 @@ def test_real_clips_limit_is_a_seeded_subset_in_file_order(ucf) -> None:
     assert sorted(k for share in shares for k in share) == sorted(first)
 
 
-def test_real_clips_resize_short_side_and_centre_crop(ucf) -> None:
-    root, frames = ucf
+def test_real_clips_resize_short_side_and_centre_crop(ucf101) -> None:
+    root, frames = ucf101
     clips = collect(ucf101_real_clips(root, num_frames=F, size=24, limit=None, offset="first"))
     assert all(c.shape == (3, F, 24, 24) for c in clips.values())
     for key, clip in clips.items():
@@ -156,8 +113,8 @@ def test_real_clips_resize_short_side_and_centre_crop(ucf) -> None:
         assert np.abs(as_uint8(clip).mean(axis=(1, 2)) - region.mean(axis=(1, 2))).max() < 3.0
 
 
-def test_real_clips_split_list_order_and_skips(ucf, tmp_path) -> None:
-    root, _ = ucf
+def test_real_clips_split_list_order_and_skips(ucf101, tmp_path) -> None:
+    root, _ = ucf101
     write_avi(root.parent / "broken" / "short" / "v_Short_g01_c01.avi", synthetic_frames(5, 0))
     (root.parent / "broken" / "bad").mkdir(parents=True, exist_ok=True)
     (root.parent / "broken" / "bad" / "v_Bad_g01_c01.avi").write_bytes(b"RIFF not really an avi")
@@ -175,8 +132,8 @@ def test_real_clips_split_list_order_and_skips(ucf, tmp_path) -> None:
     assert skips.snapshot()["counts"] == {"corrupt_video": 1, "too_short_video": 1}
 
 
-def test_decode_planned_clip_reads_bytes_and_paths_alike(ucf) -> None:
-    root, frames = ucf
+def test_decode_planned_clip_reads_bytes_and_paths_alike(ucf101) -> None:
+    root, frames = ucf101
     path = root / "BlueSquare" / "v_BlueSquare_g02_c01.avi"
     seen = []
 
@@ -191,8 +148,8 @@ def test_decode_planned_clip_reads_bytes_and_paths_alike(ucf) -> None:
     assert np.abs(decoded - frames["v_BlueSquare_g02_c01"][13:22:2, :, 8:56]).mean() < 3.0
 
 
-def test_real_clips_folder_errors(ucf, tmp_path) -> None:
-    root, _ = ucf
+def test_real_clips_folder_errors(ucf101, tmp_path) -> None:
+    root, _ = ucf101
     with pytest.raises(FileNotFoundError) as error:
         ucf101_real_clips(tmp_path / "nowhere", size=H, limit=None)
     one_line(error, "nowhere", "<ClassName>/v_<ClassName>_gXX_cYY.avi")

@@ -49,6 +49,7 @@ class EvalOptions(GenerationSettings):
         "help": "ucf101: the split list whose videos are FVD's real side (trainlist01.txt); default every video"})
     c3d: str | None = field(default=None, metadata={
         "help": "local C3D weights for the video Inception Score (StyleGAN-V's c3d_ucf101.pt TorchScript); none: no IS"})
+    is_splits: int = field(default=10, metadata={"help": "splits of the Inception Score (the protocol's: 10)"})
     clip_model: str | None = field(default=None, metadata={
         "help": "an open_clip model for CLIPSIM on the paper's scale (ViT-B-32), besides the suite's CLIP"})
     clip_weights: str | None = field(default=None, metadata={"help": "local weights file of --clip-model"})

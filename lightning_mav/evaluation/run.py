@@ -76,7 +76,7 @@ def make_metrics(options: EvalOptions, chain: Chain, fvd_samples: int | None) ->
 
         protocol_clip = CLIP.from_checkpoint(options.clip_weights, model_name=options.clip_model)
     metrics = EvalMetrics(chain.pipe.C_x, i3d=options.i3d, fvd_samples=fvd_samples, c3d=options.c3d,
-                          protocol_clip=protocol_clip)
+                          is_splits=options.is_splits, protocol_clip=protocol_clip)
     return metrics.to(chain.pipe.device)
 
 

@@ -34,6 +34,7 @@ class EvalMetrics(nn.Module):
         i3d: local I3D weights for FVD (a path, or a feature network); None: no FVD.
         fvd_samples: FVD's videos per side (2048, the usual protocol; None counts all).
         c3d: local C3D weights (UCF-101) for the video Inception Score (a path, or the network); None: no IS.
+        is_splits: the Inception Score's splits (10 in the protocol; it needs a video per split at least).
         protocol_clip: a CLIP of the protocol's (MSR-VTT: ViT-B/32), independent of the suite's C_x: CLIPSIM on the
             paper's scale as ``clipsim/<its model name>``; None: only the suite's.
 
@@ -42,7 +43,7 @@ class EvalMetrics(nn.Module):
     """
 
     def __init__(self, clip: nn.Module, *, i3d: str | Path | nn.Module | None = None,
-                 fvd_samples: int | None = 2048, c3d: str | Path | nn.Module | None = None,
+                 fvd_samples: int | None = 2048, c3d: str | Path | nn.Module | None = None, is_splits: int = 10,
                  protocol_clip: nn.Module | None = None) -> None:
         super().__init__()
         self.faithfulness = ShapesFaithfulness()
@@ -53,7 +54,7 @@ class EvalMetrics(nn.Module):
         self.clipsim = CLIPSIM(clip)
         self.clip_name = str(getattr(clip, "model_name", type(clip).__name__))
         self.fvd = None if i3d is None else FrechetVideoDistance(i3d, max_samples=fvd_samples)
-        self.video_is = None if c3d is None else VideoInceptionScore(c3d)
+        self.video_is = None if c3d is None else VideoInceptionScore(c3d, splits=is_splits)
         self.protocol_clipsim = None if protocol_clip is None else CLIPSIM(protocol_clip)
         self.protocol_clip_name = str(getattr(protocol_clip, "model_name", type(protocol_clip).__name__))
         self.psnr = nn.ModuleDict({stage: nn.ModuleDict({"ours": MeanMetric(), "baseline": MeanMetric()})
@@ -184,7 +185,7 @@ class EvalMetrics(nn.Module):
                     put("is", report["is"], f"{is_about}; C3D {report['weights_source']} ({report['num_videos']} "
                                             f"videos, {report['splits']} splits)")
                     put("is/std", report["is_std"], "standard deviation of IS over its splits")
-                except RuntimeError as e:
+                except (RuntimeError, ValueError) as e:
                     put("is", None, is_about, f"not computed: {e}")
 
             fvd_about = "FVD of the final videos (D_t's frame times) against real validation clips; lower is better"

@@ -14,7 +14,7 @@ import contextlib
 import math
 import random
 import re
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
