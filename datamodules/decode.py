@@ -217,22 +217,9 @@ def decode_clip(data: bytes, *, num_frames: int = 16, size: int = 64, fps_min: f
     ``threads`` is the decoder's thread count; 1 is right inside DataLoader workers (they are the parallelism).
     """
     rng = rng or random.Random(0)
-    try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            stream, native_fps, count = _probe(container)
-            plan = plan_clip(count, native_fps, num_frames, fps_min, fps_max, rng)
-            stream.codec_context.thread_count = threads
-            frames = _decode_indices(container, stream, native_fps, plan.indices, seek=plan.start > 0)
-            if frames is None:  # the seek landed badly or timestamps are odd: one slow, safe retry from frame 0
-                container.seek(0, stream=stream)
-                frames = _decode_indices(container, stream, native_fps, plan.indices, seek=False)
-            if frames is None:
-                raise SampleError("corrupt_mp4", "frames missing")
-    except SampleError:
-        raise
-    except Exception as exn:  # FFmpeg errors (av.FFmpegError and friends) for broken containers/streams
-        raise SampleError("corrupt_mp4", repr(exn)) from None
-    return _crop_and_stack(frames, plan, size, crop, rng)
+    return decode_planned_clip(data, lambda count, native_fps: plan_clip(count, native_fps, num_frames, fps_min,
+                                                                         fps_max, rng),
+                               size=size, crop=crop, rng=rng, threads=threads, corrupt_reason="corrupt_mp4")
 
 
 def _decode_indices(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
@@ -287,15 +274,15 @@ def _crop_and_stack(frames: list[av.VideoFrame], plan: ClipPlan, size: int, crop
 
 def decode_planned_clip(source: bytes | str | os.PathLike[str], plan: Callable[[int, float], ClipPlan], *,
                         size: int, crop: Crop = "center", rng: random.Random | None = None,
-                        threads: int = 1) -> Clip:
+                        threads: int = 1, corrupt_reason: str = "corrupt_video") -> Clip:
     """Decode the frames that ``plan(num_native, native_fps)`` picks, from any container PyAV reads (mp4, and
     UCF-101's xvid ``.avi``), resized and cropped as ``decode_clip`` does (short side to ``size``, one square crop).
 
     ``source`` is the file's bytes or its path (a path is read by FFmpeg, not loaded whole). ``plan`` is called once,
     after probing, so the caller's sampling rule can depend on the frame count (e.g. a fixed start per file for
     evaluation, where ``plan_clip`` draws an fps). Returns a ``Clip`` with uint8 ``frames [F, 3, size, size]``.
-    Reasons raised: ``corrupt_video`` (not a video, broken stream, frames missing), and whatever ``plan`` raises
-    (``too_short_video``).
+    Reasons raised: ``corrupt_reason`` (not a video, broken stream, frames missing; ``decode_clip``'s mp4 shards
+    say ``corrupt_mp4``), and whatever ``plan`` raises (``too_short_video``).
     """
     rng = rng or random.Random(0)
     try:
@@ -303,17 +290,17 @@ def decode_planned_clip(source: bytes | str | os.PathLike[str], plan: Callable[[
             try:
                 stream, native_fps, count = _probe(container)
             except SampleError as exn:  # _probe names its reasons after mp4; here the container can be anything
-                raise SampleError("corrupt_video", str(exn)) from None
+                raise SampleError(corrupt_reason, str(exn)) from None
             clip_plan = plan(count, native_fps)
             stream.codec_context.thread_count = threads
             frames = _decode_indices(container, stream, native_fps, clip_plan.indices, seek=clip_plan.start > 0)
-            if frames is None:  # as in decode_clip: one slow, safe retry from frame 0
+            if frames is None:  # the seek landed badly or timestamps are odd: one slow, safe retry from frame 0
                 container.seek(0, stream=stream)
                 frames = _decode_indices(container, stream, native_fps, clip_plan.indices, seek=False)
             if frames is None:
-                raise SampleError("corrupt_video", "frames missing")
+                raise SampleError(corrupt_reason, "frames missing")
     except SampleError:
         raise
     except Exception as exn:  # FFmpeg errors for broken containers / streams, unreadable files
-        raise SampleError("corrupt_video", repr(exn)) from None
+        raise SampleError(corrupt_reason, repr(exn)) from None
     return _crop_and_stack(frames, clip_plan, size, crop, rng)

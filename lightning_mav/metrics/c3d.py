@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_mav.metrics.i3d import _file_digest, _is_torchscript, _unwrap_state_dict
+from lightning_mav.metrics.detector_files import check_state_keys, file_digest, is_torchscript, unwrap_state_dict
 
 __all__ = ["C3D", "C3D_FRAMES", "C3D_SIZE", "TorchScriptC3D", "load_c3d"]
 
@@ -131,24 +131,6 @@ class TorchScriptC3D(nn.Module):
         return self.detector(videos)
 
 
-def _check_keys(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
-    """One readable error naming a few missing / unexpected / mis-shaped keys."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if not (missing or unexpected or mismatched):
-        return
-    parts = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-        if keys:
-            more = f", ... ({len(keys)} in all)" if len(keys) > 5 else ""
-            parts.append(f"{label}: {', '.join(keys[:5])}{more}")
-    raise ValueError(f"{path} is not a state dict of lightning_mav.metrics.c3d.C3D (keys conv1a.weight ... "
-                     f"fc8.bias, offset); " + "; ".join(parts))
-
-
 def load_c3d(path: str | Path, num_classes: int = 101) -> C3D | TorchScriptC3D:
     """Load the UCF-101 C3D from a local file, in eval mode, with gradients off. Never downloads.
 
@@ -171,7 +153,7 @@ def load_c3d(path: str | Path, num_classes: int = 101) -> C3D | TorchScriptC3D:
                                 f"pass a local file such as StyleGAN-V's c3d_ucf101.pt)")
     expected = "StyleGAN-V's TorchScript c3d_ucf101.pt or a state dict of lightning_mav.metrics.c3d.C3D"
     net: C3D | TorchScriptC3D
-    if _is_torchscript(path):
+    if is_torchscript(path):
         try:
             net = TorchScriptC3D(torch.jit.load(str(path), map_location="cpu"))
         except RuntimeError as err:
@@ -185,12 +167,13 @@ def load_c3d(path: str | Path, num_classes: int = 101) -> C3D | TorchScriptC3D:
         except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as err:
             raise ValueError(f"{path} is not {expected} (torch.load failed: {type(err).__name__})") from err
         try:
-            state = _unwrap_state_dict(obj)
+            state = unwrap_state_dict(obj)
         except ValueError as err:
             raise ValueError(f"{path} is not {expected} (it holds a {type(obj).__name__})") from err
         net = C3D(num_classes=num_classes)
-        _check_keys(net, state, path)
+        check_state_keys(net, state, path, "a state dict of lightning_mav.metrics.c3d.C3D (keys conv1a.weight ... "
+                         "fc8.bias, offset)")
         net.load_state_dict(state)
         kind = "state_dict"
-    net.weights_source = f"{kind}:{path.name}:sha256={_file_digest(path)}"
+    net.weights_source = f"{kind}:{path.name}:sha256={file_digest(path)}"
     return net.eval().requires_grad_(False)

@@ -15,13 +15,13 @@ averaged over time, ``InceptionI3d.features(x) -> [B, 400]``.
 
 from __future__ import annotations
 
-import hashlib
-import zipfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_mav.metrics.detector_files import check_state_keys, file_digest, is_torchscript, unwrap_state_dict
 
 __all__ = ["InceptionI3d", "TorchScriptI3D", "load_i3d"]
 
@@ -203,59 +203,6 @@ class TorchScriptI3D(nn.Module):
         return self.features(x)
 
 
-def _is_torchscript(path: Path) -> bool:
-    """TorchScript archives are zip files holding ``<name>/code/`` and ``<name>/constants.pkl``."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any("/code/" in name or name.endswith("/constants.pkl") for name in archive.namelist())
-
-
-def _file_digest(path: Path) -> str:
-    """First 16 hex digits of the file's sha256: names the exact weights a score was computed with."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def _unwrap_state_dict(obj: object) -> dict[str, Tensor]:
-    """Accept a bare state dict, a ``{"state_dict": ...}`` checkpoint, and DataParallel ``module.`` keys."""
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError("expected a state dict (a mapping of parameter names to tensors)")
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
-
-
-def _check_keys(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
-    """Raise one readable error naming a few missing / unexpected / mis-shaped keys."""
-    expected = model.state_dict()
-    # BatchNorm's counter is absent from checkpoints saved by old PyTorch versions and unused in eval.
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if not (missing or unexpected or mismatched):
-        return
-    parts = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-        if keys:
-            more = f", ... ({len(keys)} in all)" if len(keys) > 5 else ""
-            parts.append(f"{label}: {', '.join(keys[:5])}{more}")
-    raise ValueError(
-        f"{path} is not an InceptionI3d state dict in the pytorch-i3d layout "
-        f"(keys like Conv3d_1a_7x7.conv3d.weight, Mixed_3b.b0.conv3d.weight, logits.conv3d.weight); "
-        + "; ".join(parts)
-    )
-
-
 def load_i3d(path: str | Path, num_classes: int = 400) -> InceptionI3d | TorchScriptI3D:
     """Load I3D weights from a local file, in eval mode, with gradients off. Never downloads.
 
@@ -275,17 +222,18 @@ def load_i3d(path: str | Path, num_classes: int = 400) -> InceptionI3d | TorchSc
     if not path.is_file():
         raise FileNotFoundError(f"I3D weights not found at {path} (FVD never downloads; pass a local file)")
     net: InceptionI3d | TorchScriptI3D
-    if _is_torchscript(path):
+    if is_torchscript(path):
         net = TorchScriptI3D(torch.jit.load(str(path), map_location="cpu"))
         kind = "torchscript"
     else:
         try:
-            state = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            state = unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         except (ValueError, RuntimeError) as err:
             raise ValueError(f"{path} is neither an I3D state dict nor a TorchScript file: {err}") from err
         net = InceptionI3d(num_classes=num_classes)
-        _check_keys(net, state, path)
+        check_state_keys(net, state, path, "an InceptionI3d state dict in the pytorch-i3d layout (keys like "
+                         "Conv3d_1a_7x7.conv3d.weight, Mixed_3b.b0.conv3d.weight, logits.conv3d.weight)")
         net.load_state_dict(state, strict=False)  # keys verified above; only num_batches_tracked may lack
         kind = "state_dict"
-    net.weights_source = f"{kind}:{path.name}:sha256={_file_digest(path)}"
+    net.weights_source = f"{kind}:{path.name}:sha256={file_digest(path)}"
     return net.eval().requires_grad_(False)
