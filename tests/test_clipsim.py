@@ -95,3 +95,29 @@ def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
 
     for result in run_ddp(_ddp_worker, str(weights), videos, world_size=2):
         assert result == pytest.approx(expected, abs=1e-6)
+
+
+def test_trained_suite_clip_scores_a_caption_with_its_own_images_above_mismatched_captions(shapes_root: Path) -> None:
+    """The protocol's sanity check: CLIPSIM with a trained CLIP prefers each held-out image's own caption."""
+    from datamodules.text_image import TextImageDataModule
+    from lightning_mav.stages.clip import CLIPStage
+    from tests.helpers import TINY_CLIP_32, fit
+
+    torch.manual_seed(0)
+    stage = CLIPStage("tiny", model_cfg=TINY_CLIP_32, lr=2e-3, weight_decay=0.0, warmup_steps=0,
+                      hard_negative_words=[["circle", "square", "triangle"]])
+    fit(stage, TextImageDataModule(root=str(shapes_root), image_size=32, batch_size=16), steps=150,
+        limit_val_batches=0)
+    clip = stage.clip.eval()
+    data = TextImageDataModule(root=str(shapes_root), image_size=32, batch_size=16)
+    data.setup("validate")
+    batch = next(iter(data.val_dataloader()))
+    keep = batch["valid"].bool()
+    images, captions = batch["image"][keep], [c for c, k in zip(batch["caption"], keep.tolist()) if k]
+    assert len(captions) >= 8 and len(set(captions)) > 1
+    videos = images[:, :, None].expand(-1, -1, 2, -1, -1)  # each held-out image as a 2-frame still video
+    mismatched = [captions[(i + 1) % len(captions)] for i in range(len(captions))]
+    own, other = CLIPSIM(clip), CLIPSIM(clip)
+    own.update(videos, captions)
+    other.update(videos, mismatched)
+    assert float(own.compute()) > float(other.compute()) + 0.01

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.loggers import TensorBoardLogger
 import torch
 from einops import rearrange
 from torch.utils.data import DataLoader
@@ -15,7 +16,7 @@ from lightning_mav.evaluation.chain import Chain, load_chain
 from lightning_mav.evaluation.generation import generate_batch
 from lightning_mav.evaluation.options import EvalOptions
 from lightning_mav.evaluation.real_data import score_real_data
-from lightning_mav.evaluation.report import paper_rows, write_report
+from lightning_mav.evaluation.report import paper_rows, paper_table, write_report
 from lightning_mav.evaluation.run import make_metrics, prompt_list
 from lightning_mav.evaluation.samples import sample_name, to_uint8, write_media
 
@@ -104,3 +105,5 @@ class EvaluationModule(pl.LightningModule):
             result = {"metrics": scores, "paper": paper_rows(self.options, scores, videos), "run": run}
             (self.out / "metrics.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
             write_report(self.out, result)
+            if result["paper"] and isinstance(self.logger, TensorBoardLogger):
+                self.logger.experiment.add_text("paper", paper_table(result["paper"]))
