@@ -290,7 +290,8 @@ def test_ucf101_protocol_end_to_end(runs: Path, ucf101: tuple[Path, dict], i3d: 
     class_ind = tmp_path / "classInd.txt"
     class_ind.write_text("".join(f"{i} {name}\n" for i, name in enumerate(CLASSES, 1)))
     args = ["--protocol", "ucf101", "--runs", str(runs), "--classes", str(class_ind), "--num-videos", "4",
-            "--i3d", str(i3d), "--c3d", str(c3d), "--is-splits", "2", "--real-videos", str(ucf101[0]), "--fvd-videos", "5",
+            "--i3d", str(i3d), "--c3d", str(c3d), "--is-splits", "2", "--real-videos", str(ucf101[0]),
+            "--fvd-videos", "5",
             "--num-frames", "4", "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "eval"),
             "--stats-cache", str(tmp_path / "stats"), "--dtype", "fp32", "--no-progress"]
     result = evaluate_command(args)
@@ -340,9 +341,9 @@ def test_msrvtt_protocol_clipsim_with_its_own_clip(runs: Path, shapes_root: Path
                       {"video_id": "video7010", "caption": "a small red circle"}]}))
     weights = tmp_path / "mav_tiny.pt"
     torch.save(CLIP("mav-tiny").model.state_dict(), weights)  # open_clip's file format: the model's state dict
-    result = ev.evaluate(protocol="msrvtt", prompts=str(captions), clip_model="mav-tiny", clip_weights=str(weights),
-                         runs=runs, data=shapes_root, out=tmp_path / "eval", num_frames=4, steps=1, dtype="fp32",
-                         progress=False)
+    result = ev.evaluate(protocol="msrvtt", prompts=str(captions), clipsim_model="mav-tiny",
+                         clipsim_weights=str(weights), runs=runs, data=shapes_root, out=tmp_path / "eval",
+                         num_frames=4, steps=1, dtype="fp32", progress=False)
     samples = [load_sample(f) for f in sorted((tmp_path / "eval" / "samples").glob("*.pt"))]
     assert [s["prompt"] for s in samples] == ["a red circle moving", "a blue square sliding", "a small red circle"]
     # CLIPSIM on the paper's scale: that CLIP on the stored final frames, nothing of the suite's C_x
@@ -356,9 +357,9 @@ def test_msrvtt_protocol_clipsim_with_its_own_clip(runs: Path, shapes_root: Path
     assert row["metric"] == "clipsim" and row["paper"] == 0.3049 and row["ours"] == ours
     assert row["our_scorer"] == "CLIP mav-tiny (mav_tiny.pt)" and row["paper_videos"] == 59_794
     with pytest.raises(SystemExit):
-        evaluate_command(["--protocol", "msrvtt", "--prompts", str(captions), "--clip-model", "ViT-B-32"])
-    assert capsys.readouterr().err.strip().endswith("clip_model, clip_weights: give both (an open_clip name and its "
-                                                    "local weights file)")
+        evaluate_command(["--protocol", "msrvtt", "--prompts", str(captions), "--clipsim-model", "ViT-B-32"])
+    assert capsys.readouterr().err.strip().endswith(
+        "clipsim_model, clipsim_weights: give both (an open_clip name and its local weights file)")
 
 
 # ----------------------------------------------------------------------------------------------------- lightning test

@@ -19,8 +19,8 @@ class EvalOptions(GenerationSettings):
 
     protocol: str | None = field(default=None, metadata={
         "help": "a paper benchmark: ucf101 (--classes classInd.txt, FVD with --i3d, IS with --c3d, real clips from "
-                "the UCF-101 folder in --real-videos) or msrvtt (--prompts test captions, CLIPSIM with --clip-model "
-                "and --clip-weights); default: the Moving Shapes evaluation",
+                "the UCF-101 folder in --real-videos) or msrvtt (--prompts test captions, CLIPSIM with --clipsim-model "
+                "and --clipsim-weights); default: the Moving Shapes evaluation",
         "choices": ("ucf101", "msrvtt")})
     runs: str = field(default="runs", metadata={"help": "run folders holding <stage>/checkpoints/last.ckpt"})
     data: str = field(default="data/shapes", metadata={
@@ -50,9 +50,9 @@ class EvalOptions(GenerationSettings):
     c3d: str | None = field(default=None, metadata={
         "help": "local C3D weights for the video Inception Score (StyleGAN-V's c3d_ucf101.pt TorchScript); none: no IS"})
     is_splits: int = field(default=10, metadata={"help": "splits of the Inception Score (the protocol's: 10)"})
-    clip_model: str | None = field(default=None, metadata={
+    clipsim_model: str | None = field(default=None, metadata={
         "help": "an open_clip model for CLIPSIM on the paper's scale (ViT-B-32), besides the suite's CLIP"})
-    clip_weights: str | None = field(default=None, metadata={"help": "local weights file of --clip-model"})
+    clipsim_weights: str | None = field(default=None, metadata={"help": "local weights file of --clipsim-model"})
     stats_cache: str | None = field(default="runs/real_stats", metadata={
         "help": "folder of cached real FVD statistics (keyed by detector, size, frames and clip sampling); "
                 "none: recompute every run"})
@@ -81,8 +81,8 @@ class EvalOptions(GenerationSettings):
                 raise ValueError(f"{key}: --protocol {self.protocol} needs {what} (--{key} FILE)")
             if self.videos_per_prompt != 1:
                 raise ValueError(f"videos_per_prompt: --protocol {self.protocol} makes one video per prompt")
-        if (self.clip_model is None) != (self.clip_weights is None):
-            raise ValueError("clip_model, clip_weights: give both (an open_clip name and its local weights file)")
+        if (self.clipsim_model is None) != (self.clipsim_weights is None):
+            raise ValueError("clipsim_model, clipsim_weights: give both (an open_clip name and its local weights file)")
 
     @property
     def settings(self) -> GenerationSettings:

@@ -15,8 +15,9 @@ def _ours(metric: str, options: EvalOptions) -> tuple[str, str]:
         return "fvd", f"I3D {Path(options.i3d).name}" if options.i3d else "no I3D weights"
     if metric == "is":
         return "is", f"C3D {Path(options.c3d).name}" if options.c3d else "no C3D weights"
-    if options.clip_model:
-        return f"clipsim/{options.clip_model}", f"CLIP {options.clip_model} ({Path(options.clip_weights).name})"
+    if options.clipsim_model:
+        weights = Path(options.clipsim_weights).name
+        return f"clipsim/{options.clipsim_model}", f"CLIP {options.clipsim_model} ({weights})"
     return "clipsim/suite_clip", "the suite's own CLIP (not the paper's scale)"
 
 

@@ -69,12 +69,12 @@ def prompt_list(options: EvalOptions) -> list[str]:
 
 def make_metrics(options: EvalOptions, chain: Chain, fvd_samples: int | None) -> EvalMetrics:
     """The run's metrics on the chain's device: FVD with ``i3d``, IS with ``c3d``, CLIPSIM with the suite's CLIP and,
-    given ``clip_model``, the protocol's own CLIP (loaded from its local weights file)."""
+    given ``clipsim_model``, the protocol's own CLIP (loaded from its local weights file)."""
     protocol_clip = None
-    if options.clip_model is not None:
+    if options.clipsim_model is not None:
         from lightning_mav.nn.clip import CLIP
 
-        protocol_clip = CLIP.from_checkpoint(options.clip_weights, model_name=options.clip_model)
+        protocol_clip = CLIP.from_checkpoint(options.clipsim_weights, model_name=options.clipsim_model)
     metrics = EvalMetrics(chain.pipe.C_x, i3d=options.i3d, fvd_samples=fvd_samples, c3d=options.c3d,
                           is_splits=options.is_splits, protocol_clip=protocol_clip)
     return metrics.to(chain.pipe.device)
