@@ -123,13 +123,14 @@ def stage_progress(network: nn.Module, desc: str, total: int, enabled: bool = Tr
 
 # ---------------------------------------------------------------------------------------------- loading stages
 def load_stage(cls: type[StageBase], path: str | Path, *, stage: str, clip_ckpt: str | None = None,
-               image_embed_dim: int | None = None) -> StageBase:
+               clip_model: str | None = None, image_embed_dim: int | None = None) -> StageBase:
     """Rebuild a trained stage from its Lightning checkpoint for inference (eval mode, no gradients).
 
     The architecture comes from the checkpoint's hyperparameters and the weights from its ``state_dict`` (the EMA
     weights when they were averaged). ``init_from`` is not followed (the weights are here already). The frozen CLIP
-    is not re-loaded per stage: P loads ``clip_ckpt`` (it becomes the pipeline's ``C_x``) and the decoders only
-    get ``image_embed_dim``, the width that CLIP would have given their U-Net.
+    is not re-loaded per stage: P loads ``clip_ckpt`` (it becomes the pipeline's ``C_x``; ``clip_model`` names the
+    open_clip architecture of a weights file given instead of the one P recorded) and the decoders only get
+    ``image_embed_dim``, the width that CLIP would have given their U-Net.
     """
     ckpt = load_checkpoint(path, hint=f"train {stage} with `{train_command(stage)}`")
     params = cls.option_names()
@@ -137,6 +138,8 @@ def load_stage(cls: type[StageBase], path: str | Path, *, stage: str, clip_ckpt:
     if "init_from" in params:
         kwargs["init_from"] = None
     if cls is PriorStage:
+        if clip_ckpt:  # another file than P recorded: its own architecture (None: a suite CLIP run)
+            kwargs["clip_model"] = clip_model
         kwargs["clip_ckpt"] = clip_ckpt = clip_ckpt or kwargs.get("clip_ckpt")
         if not clip_ckpt or not Path(clip_ckpt).expanduser().is_file():
             raise CheckpointError(f"{path}: the CLIP checkpoint P was trained with ({clip_ckpt}) is missing — pass "
@@ -212,6 +215,7 @@ class MakeAVideoPipeline:
         cls,
         *,
         clip: str | Path | None = None,
+        clip_model: str | None = None,
         prior: str | Path,
         decoder: str | Path,
         interpolation: str | Path | None = None,
@@ -222,7 +226,8 @@ class MakeAVideoPipeline:
     ) -> MakeAVideoPipeline:
         """Load each network from its stage checkpoint (a path; None skips an optional stage).
 
-        ``clip`` defaults to the CLIP checkpoint recorded in P's hyperparameters; ``decoder`` is a D_t checkpoint
+        ``clip`` defaults to the CLIP recorded in P's hyperparameters (a CLIPStage run, or an open_clip weights file
+        and its ``clip_model``); an open_clip file given here needs its ``clip_model``. ``decoder`` is a D_t checkpoint
         (``runs/dt``). Every path is checked before anything is loaded, so a missing one fails at once with the
         command that makes it.
         """
@@ -230,7 +235,8 @@ class MakeAVideoPipeline:
         for stage, path in given.items():
             if path is not None and not Path(path).expanduser().is_file():
                 raise CheckpointError(f"checkpoint not found: {path} — train {stage} with `{train_command(stage)}`")
-        P = load_stage(PriorStage, prior, stage="P", clip_ckpt=None if clip is None else str(clip))
+        P = load_stage(PriorStage, prior, stage="P", clip_ckpt=None if clip is None else str(clip),
+                       clip_model=clip_model)
         C_x = P.clip  # the frozen CLIP P was trained with: C_x(x) and x̂ for P, and its embed width for D_t / ↑F
         embed_dim = C_x.embed_dim
         D_t = load_stage(DecoderStage, decoder, stage="D_t", image_embed_dim=embed_dim)

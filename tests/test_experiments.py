@@ -50,8 +50,10 @@ TINY: dict[str, list[str]] = {
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def fit_args(stage: str, shapes_root: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", str(EXPERIMENTS / f"{stage}.yaml"), "--data.init_args.root", str(shapes_root),
+def fit_args(stage: str, shapes_root: Path, *extra: str, overlay: bool = False) -> list[str]:
+    """``fit`` of a stage YAML (and, with ``overlay``, its paper overlay) shrunk by ``TINY``, then ``extra``."""
+    paper = ["--config", str(EXPERIMENTS / "paper" / f"{stage}.yaml")] if overlay else []
+    return ["fit", "--config", str(EXPERIMENTS / f"{stage}.yaml"), *paper, "--data.init_args.root", str(shapes_root),
             "--data.init_args.batch_size", "2", "--data.init_args.shuffle_buffer", "8",
             "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", *TINY[stage], *extra]
@@ -167,6 +169,41 @@ def test_every_stage_runs_fast_dev_run(stage: str, chain: dict[str, Any], shapes
     # a smoke test leaves nothing behind: no checkpoint (Lightning's ModelCheckpoint writes ./checkpoints/last.ckpt at
     # the end of a fast_dev_run unless the CLI drops it), no media in the cwd
     assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "media").exists()
+
+
+def test_paper_overlays_run_with_an_open_clip_weights_file(shapes_root: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """P, D, D_t and ↑F under their paper overlays (widths shrunk by TINY) with a CLIP given as an open_clip weights
+    file + its architecture: named once for P and once for D; D_t and ↑F inherit it through init_from."""
+    from lightning_mav.nn.clip import CLIP
+
+    weights = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(CLIP("mav-tiny").model.state_dict(), weights)  # open_clip's file format: the bare model state dict
+    clip = ["--model.init_args.clip_ckpt", str(weights), "--model.init_args.clip_model", "mav-tiny"]
+    small = ["--trainer.precision", "32-true", "--data.init_args.num_workers", "0"]
+    images = ["--data.init_args.urls", str(shapes_root / "images" / "train-*.tar"), "--data.init_args.image_size", "32"]
+    videos = ["--data.init_args.urls", str(shapes_root / "videos" / "train-*.tar"), "--data.init_args.video_size", "32",
+              "--data.init_args.fps_min", "4", "--data.init_args.fps_max", "24"]
+
+    def run(stage: str, *extra: str) -> Any:
+        return MAVCLI(args=fit_args(stage, shapes_root, *small, *extra, overlay=True))
+
+    monkeypatch.chdir(tmp_path)
+    prior = run("prior", *clip, *images, "--trainer.fast_dev_run", "1")
+    decoder = run("decoder", *clip, *images, "--model.init_args.image_size", "32", "--trainer.max_steps", "1",
+                  "--trainer.val_check_interval", "1")
+    dt = run("dt", *videos, "--model.init_args.image_size", "32", "--trainer.max_steps", "1",
+             "--trainer.val_check_interval", "1")
+    interp = run("interp", *videos, "--model.init_args.image_size", "32", "--trainer.fast_dev_run", "1")
+    expected = CLIP.from_checkpoint(weights, model_name="mav-tiny").state_dict()
+    for name, cli in (("prior", prior), ("decoder", decoder), ("dt", dt), ("interp", interp)):
+        assert cli.trainer.global_step == 1, name
+        assert cli.model.hparams.clip_ckpt == str(weights) and cli.model.hparams.clip_model == "mav-tiny", name
+        got = cli.model.clip.state_dict()
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got), name
+    saved = torch.load(tmp_path / "runs" / "dt" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["hyper_parameters"]["clip_ckpt"] == str(weights)  # so ↑F, D_t's child, inherits it in turn
+    assert not any(k.startswith("clip.") for k in saved["state_dict"])  # the frozen CLIP stays out of checkpoints
 
 
 def test_a_trainable_module_left_in_eval_mode_is_still_reported(

@@ -181,12 +181,16 @@ def test_wrong_or_missing_checkpoints_are_one_line_errors(runs: Path, tmp_path: 
     with pytest.raises(CheckpointError, match=r"not SR_t: it has no temporal layers.*experiments/sr_t.yaml"):
         load(runs, sr_t=str(runs / "sr_l" / "checkpoints" / "last.ckpt"))
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit):  # no runs/clip is fine (P's own CLIP); no runs/prior is not
         main(["a red circle moving", "--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "x.mp4")])
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert f"{tmp_path / 'empty' / 'clip' / 'checkpoints' / 'last.ckpt'}" in err
-    assert "`lightning fit --config experiments/clip.yaml`" in err
+    assert f"{tmp_path / 'empty' / 'prior' / 'checkpoints' / 'last.ckpt'}" in err
+    assert "`lightning fit --config experiments/prior.yaml`" in err
+    with pytest.raises(SystemExit):  # a CLIP given but missing is an error
+        main(["a red circle moving", "--runs", str(runs), "--clip", str(tmp_path / "clip.ckpt")])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "clip.ckpt" in err and "`lightning fit --config experiments/clip.yaml`" in err
 
     with pytest.raises(SystemExit):
         main(["a red circle", "--runs", str(runs), "--interp", str(tmp_path / "nope.ckpt")])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_mav.nn.prior import Prior
-from tests.helpers import SHAPE_CAPTIONS, TINY_CLIP_32, caption_batch, fit_batches, save_tiny_clip
+from tests.helpers import SHAPE_CAPTIONS, TINY_CLIP_32, TINY_PRIOR, caption_batch, fit_batches, save_tiny_clip
 
 PRIOR = {"dim": 64, "depth": 2, "heads": 2, "dim_head": 32}
 
@@ -147,3 +147,24 @@ def test_prior_stage_checkpoint_has_no_clip_and_reloads(clip_ckpt: str, tmp_path
     stage.eval()
     assert torch.equal(reloaded.sample(SHAPE_CAPTIONS[:2], steps=3, generator=seed),
                        stage.sample(SHAPE_CAPTIONS[:2], steps=3, generator=torch.Generator().manual_seed(0)))
+
+
+def test_prior_with_an_open_clip_weights_file_reloads_strictly(tmp_path: Path) -> None:
+    """``clip_ckpt`` an open_clip weights file with ``clip_model`` its architecture: the checkpoint keeps none of the
+    CLIP, and ``load_from_checkpoint`` (strict) and the pipeline's ``load_stage`` rebuild it from the recorded file."""
+    from lightning_mav.nn.clip import CLIP
+    from lightning_mav.pipeline import load_stage
+    from lightning_mav.stages.prior import PriorStage
+
+    weights = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(CLIP("mav-tiny").model.state_dict(), weights)
+    stage = PriorStage(str(weights), clip_model="mav-tiny", **TINY_PRIOR, lr=1e-3, warmup_steps=0)
+    batch = {**caption_batch(), "image": torch.rand(8, 3, 64, 64) * 2 - 1}
+    trainer = fit_batches(stage, [batch], steps=1)
+    path = tmp_path / "prior.ckpt"
+    trainer.save_checkpoint(path)
+    assert not [k for k in torch.load(path, weights_only=True)["state_dict"] if k.startswith("clip.")]
+    for reloaded in (PriorStage.load_from_checkpoint(path, weights_only=True), load_stage(PriorStage, path, stage="P")):
+        assert reloaded.hparams.clip_model == "mav-tiny"
+        for name, tensor in stage.state_dict().items():
+            assert torch.equal(reloaded.state_dict()[name], tensor), name

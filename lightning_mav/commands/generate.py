@@ -24,10 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="runs", help="run folders holding <stage>/checkpoints/last.ckpt")
     for key in LOADED:
         run = BY_KEY[key].run
-        skip = "; 'none': the one P was trained with" if key == "clip" else "; 'none' skips it" \
+        skip = "; 'none' or missing: the one P was trained with" if key == "clip" else "; 'none' skips it" \
             if key in OPTIONAL else ""
         p.add_argument(flag(run), dest=run, metavar="CKPT",
                        help=f"{BY_KEY[key].paper} checkpoint (default RUNS/{run}/checkpoints/last.ckpt{skip})")
+    p.add_argument("--clip-model", default=None, help="the open_clip architecture of an open_clip weights file given "
+                                                     "as --clip (ViT-L-14, ...)")
     add_dataclass_arguments(p, GenerationSettings)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-fps", type=float, default=None, help="frame rate written to the files")
@@ -50,6 +52,9 @@ def checkpoint_paths(args: argparse.Namespace) -> dict[str, str | None]:
             paths[key] = None
             continue
         path = Path(given) if given else default_checkpoint(args.runs, key)
+        if key == "clip" and not given and not path.is_file():
+            paths[key] = None  # no suite CLIP run: the CLIP P recorded (e.g. an open_clip weights file)
+            continue
         if not path.is_file():
             later = f" (or skip it: {flag(run)} none / --stop-after)" if key in OPTIONAL else ""
             fail(f"{key} checkpoint not found: {path} — make it with `{train_command(key)}`{later}")
@@ -67,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     paths = checkpoint_paths(args)
     try:
         pipe = MakeAVideoPipeline.from_checkpoints(
-            clip=paths["clip"], prior=paths["P"], decoder=paths["D_t"], interpolation=paths["up_F"],
+            clip=paths["clip"], clip_model=args.clip_model, prior=paths["P"], decoder=paths["D_t"],
+            interpolation=paths["up_F"],
             sr_t=paths["SR_t"], sr_h=paths["SR_h"], device=args.device, dtype=args.dtype)
     except CheckpointError as e:
         fail(str(e))

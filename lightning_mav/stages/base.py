@@ -8,7 +8,7 @@ A stage subclass implements two methods and gets training, validation and media 
 ``generator`` is None in training (fresh randomness) and seeded per batch in validation, so ``val/loss`` compares
 checkpoints on the same noise and timesteps instead of on sampling luck.
 
-Frozen CLIP (P and D stages): ``load_clip(clip_ckpt)`` sets ``self.clip``; its tensors never enter this stage's
+Frozen CLIP (P and D stages): ``load_clip(clip_ckpt, clip_model)`` sets ``self.clip``; its tensors never enter this stage's
 checkpoints (see ``on_save_checkpoint`` / ``on_load_checkpoint``) nor its optimizer (``requires_grad=False``).
 
 Training randomness (noise, timesteps, dropped conditioning, crops) is reseeded at every batch from
@@ -380,14 +380,28 @@ class StageBase(pl.LightningModule):
         return trainable
 
     # ------------------------------------------------------------------ frozen CLIP (P and D stages)
-    def load_clip(self, clip_ckpt: str | None) -> nn.Module | None:
-        """The frozen CLIP (``C_x`` and image encoder) from ``clip_ckpt``; kept out of this stage's checkpoints."""
+    def load_clip(self, clip_ckpt: str | None, clip_model: str | None = None) -> nn.Module | None:
+        """The frozen CLIP (``C_x`` and image encoder); kept out of this stage's checkpoints.
+
+        ``clip_ckpt``: a CLIPStage ``.ckpt`` (the architecture is in it), or an open_clip weights file of any open_clip
+        architecture, named by ``clip_model`` (``ViT-L-14``, ``ViT-H-14``, ...; open_clip files carry no config).
+        """
         if clip_ckpt is None:
             return None
         from lightning_mav.nn.clip import CLIP
 
-        self.clip = CLIP.from_checkpoint(clip_ckpt, freeze=True)
+        self.clip = CLIP.from_checkpoint(clip_ckpt, model_name=clip_model, freeze=True)
         return self.clip
+
+    def inherit_clip(self, clip_ckpt: str | None, clip_model: str | None) -> tuple[str | None, str | None]:
+        """``(clip_ckpt, clip_model)``: the given ones, or with ``clip_ckpt`` unset the parent checkpoint's (D_t's
+        from D, ↑F's from D_t; after :meth:`inherit_configs`), so a chain names its CLIP once; written into
+        ``hparams`` for this stage's children."""
+        parent = getattr(self, "parent_hparams", {})
+        if clip_ckpt is None and parent.get("clip_ckpt"):
+            clip_ckpt, clip_model = parent["clip_ckpt"], parent.get("clip_model")
+        self.hparams.update(clip_ckpt=clip_ckpt, clip_model=clip_model)
+        return clip_ckpt, clip_model
 
     # The frozen CLIP is a separate artefact (its own run): saving it in every stage would duplicate it, so its
     # tensors are stripped on save and put back, from the CLIP just loaded from clip_ckpt, before a load. Loading

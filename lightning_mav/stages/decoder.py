@@ -37,8 +37,10 @@ class DecoderStage(StageBase):
             ``clip_sample: 1.0``;
             see :func:`lightning_mav.stages.base.resolve_pixel_diffusion`);
             with ``init_from``, changes to the parent's.
-        clip_ckpt: frozen CLIP (CLIPStage ``.ckpt``) giving the conditioning ``y_e``; None trains an unconditional
-            U-Net (``image_embed_dim`` unset) or requires precomputed ``image_embed`` in every batch.
+        clip_ckpt: frozen CLIP giving the conditioning ``y_e``: a CLIPStage ``.ckpt``, or an open_clip weights file
+            with ``clip_model``. Unset with ``init_from``: the parent's (a chain names its CLIP once); unset without:
+            an unconditional U-Net (``image_embed_dim`` unset) or precomputed ``image_embed`` in every batch.
+        clip_model: the open_clip architecture of a weights file ``clip_ckpt`` (``ViT-L-14``, ``ViT-H-14``, ...).
         image_size: side of the generated frames (sampling; training uses the data's size).
         cond_drop_prob: probability of dropping the conditioning in training (classifier-free guidance).
         cond_frame: which frame's embedding conditions a video: ``"middle"``, ``"first"`` or ``"random"``.
@@ -62,6 +64,7 @@ class DecoderStage(StageBase):
         unet: dict[str, Any] | None = None,
         diffusion: dict[str, Any] | None = None,
         clip_ckpt: str | None = None,
+        clip_model: str | None = None,
         image_size: int = 64,
         cond_drop_prob: float = 0.1,
         cond_frame: Literal["middle", "first", "random"] = "middle",
@@ -81,14 +84,14 @@ class DecoderStage(StageBase):
                              f"got {per_frame_below}")
         if cond_frame not in ("middle", "first", "random"):
             raise ValueError(f"cond_frame must be 'middle', 'first' or 'random', got {cond_frame!r}")
-        clip = self.load_clip(clip_ckpt)
         configs = self.inherit_configs(init_from, unet=unet, diffusion=diffusion)
+        clip = self.load_clip(*self.inherit_clip(clip_ckpt, clip_model))
         unet_kwargs = configs["unet"]  # the same dict as hparams.unet: the resolved image_embed_dim is saved too
         if clip is not None:
             unet_kwargs.setdefault("image_embed_dim", clip.embed_dim)
             if unet_kwargs["image_embed_dim"] != clip.embed_dim:
-                raise ValueError(f"unet.image_embed_dim={unet_kwargs['image_embed_dim']} but the CLIP at {clip_ckpt} "
-                                 f"embeds to {clip.embed_dim}")
+                raise ValueError(f"unet.image_embed_dim={unet_kwargs['image_embed_dim']} but the CLIP at "
+                                 f"{self.hparams.clip_ckpt} embeds to {clip.embed_dim}")
         self.unet = UNet(**unet_kwargs)
         self.conditional = bool(unet_kwargs.get("image_embed_dim"))
         self.fps_cond = bool(unet_kwargs.get("fps_cond", False))

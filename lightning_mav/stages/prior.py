@@ -65,12 +65,7 @@ class PriorStage(StageBase):
     ) -> None:
         super().__init__(**options)
         self.save_hyperparameters()
-        if clip_model is None:
-            self.load_clip(clip_ckpt)
-        else:  # open_clip weights carry no architecture: it comes from the config name
-            self.clip = CLIP.from_checkpoint(clip_ckpt, model_name=clip_model, freeze=True)
-            self.strict_loading = False
-        clip: CLIP = self.clip
+        clip: CLIP = self.load_clip(clip_ckpt, clip_model)
         self.prior = Prior(clip.embed_dim, clip.text_width, max_text_len=clip.context_length, dim=dim, depth=depth,
                            heads=heads, dim_head=dim_head, dropout=dropout)
         self.diffusion = Diffusion(timesteps, schedule, objective)  # no clipping: embeddings are unbounded
