@@ -1,4 +1,4 @@
-"""MakeAVideoPipeline: text -> video, ``ŷ_t = SR_h ∘ SR_t ∘ ↑F ∘ D_t ∘ P(x̂, C_x(x))`` (the library of ``mav generate``).
+"""MakeAVideoPipeline: text -> video, ``ŷ_t = SR_h ∘ SR_t ∘ ↑F ∘ D_t ∘ P(x̂, C_x(x))`` (behind ``mav generate``).
 
     prompts ──C_x, x̂──> P ──y_e [B,D]──> D_t ──[B,3,16,h,h]──> ↑F ──[B,3,76,h,h]──> SR_t ──[B,3,76,m,m]──> SR_h
                                                                                         (per frame, same noise)

@@ -48,7 +48,7 @@ class EvalOptions(GenerationSettings):
     real_split: str | None = field(default=None, metadata={
         "help": "ucf101: the split list whose videos are FVD's real side (trainlist01.txt); default every video"})
     c3d: str | None = field(default=None, metadata={
-        "help": "local C3D weights for the video Inception Score (StyleGAN-V's c3d_ucf101.pt TorchScript); none: no IS"})
+        "help": "local C3D weights for the video Inception Score (StyleGAN-V's TorchScript c3d_ucf101.pt)"})
     is_splits: int = field(default=10, metadata={"help": "splits of the Inception Score (the protocol's: 10)"})
     clipsim_model: str | None = field(default=None, metadata={
         "help": "an open_clip model for CLIPSIM on the paper's scale (ViT-B-32), besides the suite's CLIP"})

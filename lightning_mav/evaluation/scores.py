@@ -176,7 +176,7 @@ class EvalMetrics(nn.Module):
                 except RuntimeError:
                     put(f"clipsim/{self.protocol_clip_name}", None, about, "not computed: no samples")
 
-            is_about = "video Inception Score (C3D on UCF-101) of the final videos at D_t's frame times; higher is better"
+            is_about = "video Inception Score (UCF-101 C3D) of the final videos at D_t's frame times; higher is better"
             if self.video_is is None:
                 put("is", None, is_about, NO_C3D)
             else:

@@ -8,8 +8,8 @@ A stage subclass implements two methods and gets training, validation and media 
 ``generator`` is None in training (fresh randomness) and seeded per batch in validation, so ``val/loss`` compares
 checkpoints on the same noise and timesteps instead of on sampling luck.
 
-Frozen CLIP (P and D stages): ``load_clip(clip_ckpt, clip_model)`` sets ``self.clip``; its tensors never enter this stage's
-checkpoints (see ``on_save_checkpoint`` / ``on_load_checkpoint``) nor its optimizer (``requires_grad=False``).
+Frozen CLIP (P and D stages): ``load_clip(clip_ckpt, clip_model)`` sets ``self.clip``; its tensors never enter this
+stage's checkpoints (see ``on_save_checkpoint`` / ``on_load_checkpoint``) nor its optimizer (``requires_grad=False``).
 
 Training randomness (noise, timesteps, dropped conditioning, crops) is reseeded at every batch from
 ``(seed_everything's seed, rank, global step, batch index)``: a run resumed from a checkpoint draws exactly the noise
@@ -36,6 +36,7 @@ that fixed conditioning with a fixed seed, so successive images show the trainin
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import math
 import os
 import warnings
@@ -164,8 +165,6 @@ class StageBase(pl.LightningModule):
     def save_hyperparameters(self, *args: Any, frame: Any = None, **kwargs: Any) -> None:
         """Lightning's, plus the resolved shared options (which reach a stage as ``**options``, so Lightning would
         record only those given): a checkpoint's hyperparameters rebuild the stage as it trained."""
-        import inspect
-
         super().save_hyperparameters(*args, frame=frame or inspect.currentframe().f_back, **kwargs)
         for key, value in self._shared_options.items():
             self.hparams[key] = value
@@ -173,8 +172,6 @@ class StageBase(pl.LightningModule):
     @classmethod
     def option_names(cls) -> set[str]:
         """Every keyword the stage's constructor accepts: its own and the shared ones it forwards to StageBase."""
-        import inspect
-
         names: set[str] = set()
         for klass in cls.__mro__:
             if klass is pl.LightningModule:
