@@ -256,6 +256,19 @@ def test_evaluate_writes_metrics_videos_and_reuses_samples(runs: Path, shapes_ro
     assert fourth["run"]["generated"] == 2 and fourth["run"]["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[other]
 
 
+def test_evaluate_flags_are_the_options_fields() -> None:
+    from dataclasses import fields
+
+    from lightning_mav.commands.evaluate import build_parser
+
+    parser = build_parser()
+    flags = {a.dest for a in parser._actions} - {"help"}
+    assert flags == {f.name for f in fields(ev.EvalOptions)}  # one flag per option, nothing defined twice
+    args = parser.parse_args(["--stats-cache", "none", "--steps", "D_t=3,8", "--no-progress", "--num-prompts", "5"])
+    assert args.stats_cache is None and args.steps == {"D_t": 3, "*": 8} and args.progress is False
+    assert args.num_prompts == 5 and args.fps == 6.0 and args.template == "{class}"
+
+
 def test_missing_required_stage_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         evaluate_command(["--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "eval"), "--quick"])

@@ -45,6 +45,10 @@ def _per_stage_type(kind: type):
     return parse
 
 
+def _optional_text(text: str) -> str | None:
+    return None if text.lower() in ("none", "null") else text
+
+
 def _scalar(hint: Any) -> Any:
     """``int | None`` -> int; a union of several types (PerStage) is returned as it is."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
@@ -74,8 +78,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, skip:
             continue
         if hint == PerStage or "kind" in f.metadata:
             kind = _per_stage_type(f.metadata.get("kind", float))
-        else:
-            kind = hint if hint in (int, float) else str
+        elif hint in (int, float):
+            kind = hint
+        else:  # a path or name; "none" unsets an optional one (e.g. --stats-cache none)
+            kind = _optional_text if type(None) in typing.get_args(hints[f.name]) else str
         parser.add_argument(flag(f.name), dest=f.name, type=kind, default=default, help=about,
                             choices=f.metadata.get("choices"))
 
