@@ -1,7 +1,8 @@
 """Gaussian diffusion: training objective, noise schedules, samplers and classifier-free guidance.
 
 The schedule, ``q_sample``, the velocity target and every sampling step come from diffusers' schedulers
-(``DDPMScheduler``, ``DDIMScheduler``, ``DPMSolverMultistepScheduler``), which broadcast over any tensor rank,
+(``DDPMScheduler``, ``DDIMScheduler``, ``DPMSolverMultistepScheduler``, and Karlo's ``UnCLIPScheduler``), which
+broadcast over any tensor rank,
 so the same :class:`Diffusion` serves the prior (2-D embeddings ``[B, D]``), the image networks (``[B, C, H, W]``)
 and the video networks (``[B, C, F, H, W]``). Only the loss and the guidance loop are written here.
 
@@ -12,21 +13,23 @@ Model-function conventions
                is False and second half True; the model function then sees a doubled batch ``x_t [2B,...]`` and
                repeats its conditioning to match (``repeat_to_batch`` below does exactly that).
 The output is the objective's target: ``eps`` the noise, ``v`` the velocity ``sqrt(a)·eps - sqrt(1-a)·x0``,
-``x0`` the clean sample.
+``x0`` the clean sample. With ``learned_variance`` it has twice the channels (dim 1): the target, then the
+variance interpolation ``v`` in [-1, 1] of IDDPM's "learned_range" (Karlo's decoder).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UnCLIPScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 Objective = Literal["eps", "v", "x0"]
-Sampler = Literal["ddim", "ddpm", "dpm++"]
+Sampler = Literal["ddim", "ddpm", "dpm++", "unclip"]
 
 SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear"}
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
@@ -66,6 +69,11 @@ class Diffusion:
             model (D -> D_t) then starts from frames that already agree and only has to learn how they differ,
             instead of learning to undo independent per-frame noise; PYoCo reports it as the key to fine-tuning
             with little video. 0 (default): independent noise per frame, as in Make-A-Video. Images are unaffected.
+        learned_variance: the network also predicts the reverse-step variance (IDDPM's "learned_range", Nichol &
+            Dhariwal 2021; Karlo's decoder): its output has 2C channels on dim 1, the objective's output then
+            ``v`` in [-1, 1], the log-variance being ``(v+1)/2 · log β_t + (1-v)/2 · log β̃_t`` (β̃_t the posterior
+            variance). Training adds IDDPM's VLB term on the variance (:meth:`vlb`); sampling with ``"unclip"``
+            uses the variance, the other samplers only the first half (the mean), as with fixed variances.
 
     Not an ``nn.Module`` on purpose: it has no parameters, so nothing of it lands in a checkpoint.
     """
@@ -78,6 +86,7 @@ class Diffusion:
         clip_sample: float | None = None,
         min_snr_gamma: float | None = None,
         frame_noise_share: float = 0.0,
+        learned_variance: bool = False,
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
@@ -89,6 +98,8 @@ class Diffusion:
                                       ("frame_noise_share", frame_noise_share, False)):
             if not (value is None and optional) and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise TypeError(f"{name} must be a number{' or null' if optional else ''}, got {value!r}")
+        if not isinstance(learned_variance, bool):
+            raise TypeError(f"learned_variance must be true or false, got {learned_variance!r}")
         if not isinstance(timesteps, int) or timesteps < 2:
             raise ValueError(f"timesteps must be an integer >= 2, got {timesteps!r}")
         if clip_sample is not None and clip_sample <= 0:
@@ -99,6 +110,7 @@ class Diffusion:
             raise ValueError(f"frame_noise_share must be in [0, 1), got {frame_noise_share}")
         self.timesteps, self.schedule, self.objective, self.clip_sample = timesteps, schedule, objective, clip_sample
         self.min_snr_gamma, self.frame_noise_share = min_snr_gamma, frame_noise_share
+        self.learned_variance = learned_variance
         self._config = dict(
             num_train_timesteps=timesteps,
             beta_schedule=SCHEDULES[schedule],
@@ -109,11 +121,23 @@ class Diffusion:
         # the training-side scheduler only provides alphas_cumprod, add_noise and get_velocity (all stateless)
         self._train = DDPMScheduler(**self._config, clip_sample=False)
         self.alphas_cumprod: Tensor = self._train.alphas_cumprod.clone()  # [T] float32, ᾱ_t
+        if learned_variance:  # q(x_{t-1} | x_t, x0) in float64 (as IDDPM), then float32: [T] each
+            betas = self._train.betas.double()
+            a = torch.cumprod(1 - betas, 0)
+            a_prev = torch.cat([a.new_ones(1), a[:-1]])
+            var = betas * (1 - a_prev) / (1 - a)
+            self._posterior = {
+                "coef_x0": (betas * a_prev.sqrt() / (1 - a)).float(),
+                "coef_xt": ((1 - a_prev) * (1 - betas).sqrt() / (1 - a)).float(),
+                # β̃_0 = 0: IDDPM's posterior_log_variance_clipped uses β̃_1 at t = 0
+                "log_var": torch.cat([var[1:2], var[1:]]).log().float(),
+                "log_beta": betas.log().float(),
+            }
 
     def __repr__(self) -> str:
         return (f"Diffusion(timesteps={self.timesteps}, schedule={self.schedule!r}, objective={self.objective!r}, "
                 f"clip_sample={self.clip_sample}, min_snr_gamma={self.min_snr_gamma}, "
-                f"frame_noise_share={self.frame_noise_share})")
+                f"frame_noise_share={self.frame_noise_share}, learned_variance={self.learned_variance})")
 
     def snr_weight(self, t: Tensor) -> Tensor:
         """Min-SNR-γ weight ``[B]`` of the objective's squared error at timesteps ``t`` ``[B]``.
@@ -186,6 +210,9 @@ class Diffusion:
     ) -> Tensor:
         """Mean squared error between ``model_fn(x_t, t)`` and the objective's target.
 
+        With ``learned_variance`` the MSE is on the output's first half and IDDPM's VLB term (:meth:`vlb`) on the
+        variance half is added, averaged (and weighted) like the MSE; Min-SNR weights only the MSE.
+
         Args:
             x0: clean data ``[B, ...]`` (any rank).
             noise: ``[B, ...]``; drawn from ``generator`` (:meth:`noise`) when None.
@@ -204,14 +231,49 @@ class Diffusion:
             noise = self.noise(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.q_sample(x0, t, noise)
         output = model_fn(x_t, t)
+        vlb = None
+        if self.learned_variance:
+            vlb = self.vlb(x0, x_t, t, output)
+            output = output[:, :x0.shape[1]]
         sq_err = F.mse_loss(output.float(), self.target(x0, noise, t).float(), reduction="none")
         if self.min_snr_gamma is not None:
             sq_err = sq_err * _expand_like(self.snr_weight(t), sq_err)
+        if vlb is not None:
+            sq_err = sq_err + vlb
         if weights is None:
             return sq_err.mean()
         w = _expand_like(weights, sq_err) if weights.dim() == 1 else weights.to(sq_err)
         w = w.expand_as(sq_err)
         return (sq_err * w).sum() / w.sum().clamp_min(1e-8)
+
+    def vlb(self, x0: Tensor, x_t: Tensor, t: Tensor, output: Tensor) -> Tensor:
+        """IDDPM's hybrid-loss VLB term on the learned variance, per element ``[B, C, ...]`` float32.
+
+        ``KL(q(x_{t-1}|x_t,x0) ‖ p(x_{t-1}|x_t))`` between Gaussians, in bits, times ``T/1000``: λ·L_vlb with
+        λ = 0.001 and L_vlb = Σ_t L_t estimated by T·L_t at the uniformly drawn t (``terms["vb"] *= num_timesteps
+        / 1000`` in improved_diffusion). p's mean comes from the detached first half, so the term trains only the
+        variance, as IDDPM's ``frozen_out``. At t = 0 it is the same KL against the posterior with IDDPM's
+        ``posterior_log_variance_clipped`` (β̃_1; β̃_0 is 0), not IDDPM's discretised decoder likelihood.
+
+        Args:
+            x0: clean data ``[B, C, ...]``; x_t: noised ``[B, C, ...]``; t: ``[B]`` long.
+            output: the network's ``[B, 2C, ...]`` (objective's output, then ``v`` in [-1, 1]).
+        """
+        c = x0.shape[1]
+        if output.shape[1] != 2 * c or output.shape[2:] != x0.shape[2:] or output.shape[0] != x0.shape[0]:
+            raise ValueError(f"learned_variance needs an output of shape {(x0.shape[0], 2 * c, *x0.shape[2:])} "
+                             f"(objective's output, then the variance), got {tuple(output.shape)}")
+        mean_out, v = output.float().split(c, dim=1)
+        x0, x_t = x0.float(), x_t.float()
+        t = t.to(x0.device).long()
+        post = {k: _expand_like(val.to(x0.device)[t], x0) for k, val in self._posterior.items()}
+        true_mean = post["coef_x0"] * x0 + post["coef_xt"] * x_t
+        pred_mean = post["coef_x0"] * self.predict_x0(x_t, t, mean_out.detach()) + post["coef_xt"] * x_t
+        frac = (v + 1) / 2
+        log_var = frac * post["log_beta"] + (1 - frac) * post["log_var"]
+        kl = 0.5 * (-1.0 + log_var - post["log_var"] + torch.exp(post["log_var"] - log_var)
+                    + (true_mean - pred_mean) ** 2 * torch.exp(-log_var))
+        return kl * (self.timesteps / 1000.0 / math.log(2.0))
 
     # ------------------------------------------------------------------ low-resolution conditioning (SR)
     def noise_lowres(
@@ -247,10 +309,28 @@ class Diffusion:
         return noised, t.float()
 
     # ------------------------------------------------------------------ sampling
-    def make_scheduler(self, sampler: Sampler = "ddim") -> DDPMScheduler | DDIMScheduler | DPMSolverMultistepScheduler:
-        """A fresh sampling scheduler: diffusers' schedulers keep per-run state (step index, solver history)."""
+    def make_scheduler(
+        self, sampler: Sampler = "ddim",
+    ) -> DDPMScheduler | DDIMScheduler | DPMSolverMultistepScheduler | UnCLIPScheduler:
+        """A fresh sampling scheduler: diffusers' schedulers keep per-run state (step index, solver history).
+
+        ``"unclip"`` is Karlo's ``UnCLIPScheduler`` (ancestral DDPM over the skipped steps, β recomputed between
+        the visited timesteps; "learned_range" with ``learned_variance`` else "fixed_small_log"); it needs the
+        cosine schedule and the eps or x0 objective.
+        """
         clip = self.clip_sample is not None
         clip_range = float(self.clip_sample) if clip else 1.0
+        if sampler == "unclip":
+            if self.objective == "v":
+                raise ValueError("sampler 'unclip' needs objective 'eps' or 'x0': UnCLIPScheduler has no v prediction")
+            if self.schedule != "cosine":
+                raise ValueError(f"sampler 'unclip' needs schedule 'cosine' (UnCLIPScheduler's squaredcos_cap_v2), "
+                                 f"got {self.schedule!r}")
+            return UnCLIPScheduler(
+                num_train_timesteps=self.timesteps, beta_schedule="squaredcos_cap_v2",
+                variance_type="learned_range" if self.learned_variance else "fixed_small_log",
+                prediction_type=PREDICTION_TYPES[self.objective], clip_sample=clip, clip_sample_range=clip_range,
+            )
         if sampler == "ddpm":
             return DDPMScheduler(**self._config, clip_sample=clip, clip_sample_range=clip_range)
         if sampler == "ddim":
@@ -263,7 +343,7 @@ class Diffusion:
                 thresholding=clip, sample_max_value=clip_range,
                 lambda_min_clipped=-5.1 if self.schedule == "cosine" else -float("inf"),
             )
-        raise ValueError(f"sampler must be 'ddim', 'ddpm' or 'dpm++', got {sampler!r}")
+        raise ValueError(f"sampler must be 'ddim', 'ddpm', 'dpm++' or 'unclip', got {sampler!r}")
 
     @staticmethod
     def guided(
@@ -272,12 +352,15 @@ class Diffusion:
         t: Tensor,
         guidance_scale: float = 1.0,
         cfg_batch: bool = True,
+        learned_variance: bool = False,
     ) -> Tensor:
         """Classifier-free guidance: ``uncond + s·(cond - uncond)``; s == 1 runs the conditional branch only.
 
         With ``cfg_batch`` both branches go through one call on a doubled batch, which halves the number of
         network launches per step (what dominates sampling at small batch sizes) at the cost of twice the
         activation memory; switch it off for very large batches or for model functions that take a plain bool.
+        With ``learned_variance`` (outputs ``[B, 2C, ...]``) only the first half is guided and the variance half is
+        the conditional branch's, as in Karlo's pipeline.
         """
         if guidance_scale == 1.0:
             return model_fn(x, t, False)
@@ -287,6 +370,10 @@ class Diffusion:
             cond, uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), drop).chunk(2)
         else:
             cond, uncond = model_fn(x, t, False), model_fn(x, t, True)
+        if learned_variance:
+            c = x.shape[1]
+            (cond, variance), uncond = cond.split(c, dim=1), uncond[:, :c]
+            return torch.cat([uncond + guidance_scale * (cond - uncond), variance], dim=1)
         return uncond + guidance_scale * (cond - uncond)
 
     @torch.no_grad()
@@ -310,8 +397,10 @@ class Diffusion:
         Args:
             model_fn: ``(x_t, t [B], drop_cond) -> output`` (see the module docstring).
             shape: ``[B, ...]`` of the sample (any rank); or give ``noise``.
-            steps: number of sampling steps (trailing spacing, so the first step is at t = T-1).
-            sampler: ``"ddim"`` (deterministic, eta 0), ``"ddpm"`` (ancestral) or ``"dpm++"`` (DPM-Solver++ 2M).
+            steps: number of sampling steps (trailing spacing, so the first step is at t = T-1; ``"unclip"``:
+                Karlo's ``round(i·(T-1)/(steps-1))``, at least 2 steps, the last at t = 0).
+            sampler: ``"ddim"`` (deterministic, eta 0), ``"ddpm"`` (ancestral), ``"dpm++"`` (DPM-Solver++ 2M) or
+                ``"unclip"`` (Karlo's UnCLIPScheduler, each step told the next timestep as Karlo's pipeline does).
             guidance_scale: classifier-free guidance scale; 1 disables guidance (one call per step).
             generator: seeds the initial noise and the DDPM step noise: same seed, same sample.
             noise: initial x_T ``[B, ...]`` (e.g. SR_h's identical noise for every frame).
@@ -326,14 +415,25 @@ class Diffusion:
         else:
             x = noise.to(device=device or noise.device)
         scheduler = self.make_scheduler(sampler)
+        unclip = isinstance(scheduler, UnCLIPScheduler)
+        if unclip and steps < 2:
+            raise ValueError(f"sampler 'unclip' needs at least 2 steps, got {steps}")
         scheduler.set_timesteps(steps, device=x.device)
         x = x * scheduler.init_noise_sigma
         timesteps = scheduler.timesteps
+        iterator = timesteps
         if progress:
             from tqdm.auto import tqdm
-            timesteps = tqdm(timesteps, desc=f"{sampler} sampling", leave=False)
-        for t in timesteps:
+            iterator = tqdm(timesteps, desc=f"{sampler} sampling", leave=False)
+        for i, t in enumerate(iterator):
             t_batch = t.to(x.device).long().expand(x.shape[0])
-            output = self.guided(model_fn, scheduler.scale_model_input(x, t), t_batch, guidance_scale, cfg_batch)
+            output = self.guided(model_fn, scheduler.scale_model_input(x, t), t_batch, guidance_scale, cfg_batch,
+                                 self.learned_variance)
+            if unclip:  # splits off the variance half itself; None after the last step means t - 1
+                prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
+                x = scheduler.step(output, t, x, prev_timestep=prev, generator=generator).prev_sample
+                continue
+            if self.learned_variance:  # the other samplers use the mean only
+                output = output[:, :x.shape[1]]
             x = scheduler.step(output, t, x, generator=generator).prev_sample
         return x

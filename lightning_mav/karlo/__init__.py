@@ -1,0 +1,1 @@
+"""Karlo (kakaobrain/karlo-v1-alpha, unCLIP): its diffusers networks as ours, and their parameterisation."""
