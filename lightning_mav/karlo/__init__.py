@@ -1,1 +1,1 @@
-"""Karlo (kakaobrain/karlo-v1-alpha, unCLIP): its diffusers networks as ours, and their parameterisation."""
+"""Karlo (kakaobrain/karlo-v1-alpha, unCLIP) in diffusers' layout -> the suite's networks: unet.py, prior.py, importer.py."""

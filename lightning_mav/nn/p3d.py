@@ -31,11 +31,14 @@ free (the missing neighbour is simply not added), whereas replicate needs an exp
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .mixed_precision import attention
+from .mixed_precision import GroupNorm32, attention
 
 __all__ = [
     "Conv_P3D",
@@ -250,15 +253,23 @@ class SpatialAttention(nn.Module):
         dim: channels ``C``.
         heads, dim_head: attention heads and per-head width (inner width ``heads * dim_head``).
         context_dim: width ``Dc`` of the conditioning tokens, or ``None`` for self-attention only.
+        norm: ``"layer"``: LayerNorm on the tokens; ``"group"``: GroupNorm (``norm_groups`` groups, reduced to
+            ``gcd(norm_groups, C)``, eps 1e-5) on the frame ``[(B F), C, H, W]``, as diffusers'
+            ``Attention(norm_num_groups=...)`` of unCLIP/Karlo.
+        norm_groups: GroupNorm groups for ``norm="group"``.
+        bias: biases on the ``q``/``k``/``v`` projections (``to_qkv`` and ``to_context_kv``), as diffusers'.
     """
 
-    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, context_dim: int | None = None) -> None:
+    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, context_dim: int | None = None, *,
+                 norm: Literal["layer", "group"] = "layer", norm_groups: int = 32, bias: bool = False) -> None:
         super().__init__()
+        if norm not in ("layer", "group"):
+            raise ValueError(f"SpatialAttention norm must be one of ('layer', 'group'), got {norm!r}")
         inner = heads * dim_head
         self.heads, self.dim_head = heads, dim_head
-        self.norm = nn.LayerNorm(dim)
-        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
-        self.to_context_kv = nn.Linear(context_dim, 2 * inner, bias=False) if context_dim else None
+        self.norm = nn.LayerNorm(dim) if norm == "layer" else GroupNorm32(math.gcd(norm_groups, dim), dim)
+        self.to_qkv = nn.Linear(dim, 3 * inner, bias=bias)
+        self.to_context_kv = nn.Linear(context_dim, 2 * inner, bias=bias) if context_dim else None
         self.to_out = nn.Linear(inner, dim)
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
@@ -279,7 +290,9 @@ class SpatialAttention(nn.Module):
         n, c, h, w = x.shape
         f = num_frames or 1
         b, hd, d = n // f, self.heads, self.dim_head
-        q, k, v = self.to_qkv(self.norm(_tokens(x))).view(n, h * w, 3, hd, d).permute(2, 0, 3, 1, 4)
+        # GroupNorm normalises the frame before the token view, LayerNorm each token after it
+        tokens = _tokens(self.norm(x)) if isinstance(self.norm, nn.GroupNorm) else self.norm(_tokens(x))
+        q, k, v = self.to_qkv(tokens).view(n, h * w, 3, hd, d).permute(2, 0, 3, 1, 4)
         mask = None
         if context is not None and self.to_context_kv is not None:
             ck, cv = self.to_context_kv(context).view(b, -1, 2, hd, d).permute(2, 0, 3, 1, 4)  # [B, hd, L, d]
@@ -351,12 +364,16 @@ class Attn_P3D(nn.Module):  # noqa: N801 - the paper's name
         context_dim: width of the conditioning tokens for the spatial part, or ``None``.
         temporal: create the temporal attention.
         max_frames: see ``RotaryEmbedding`` (not a hard limit).
+        norm, norm_groups, bias: the spatial part's normalisation and ``q``/``k``/``v`` biases (see
+            ``SpatialAttention``); the temporal part keeps its LayerNorm and bias-free projections.
     """
 
     def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, context_dim: int | None = None,
-                 temporal: bool = True, max_frames: int = 128) -> None:
+                 temporal: bool = True, max_frames: int = 128, *, norm: Literal["layer", "group"] = "layer",
+                 norm_groups: int = 32, bias: bool = False) -> None:
         super().__init__()
-        self.spatial = SpatialAttention(dim, heads, dim_head, context_dim)
+        self.spatial = SpatialAttention(dim, heads, dim_head, context_dim, norm=norm, norm_groups=norm_groups,
+                                        bias=bias)
         self.temporal = TemporalAttention(dim, heads, dim_head, max_frames) if temporal else None
 
     def forward_frames(self, x: Tensor, num_frames: int | None, context: Tensor | None = None,

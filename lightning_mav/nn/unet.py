@@ -13,6 +13,14 @@ tokens; ``drop_cond`` swaps in learned null conditioning for classifier-free gui
 the (upsampled) low-resolution input and embed its noise-augmentation level. ``D_t`` adds an fps embedding
 (§2.5), ``↑F`` extra input channels (masked frames + mask, §2.6).
 
+Options whose defaults are the network above also express unCLIP as Karlo (kakaobrain/karlo-v1-alpha) ships it in
+diffusers' layout: resampling res blocks (``resample``), additive time conditioning (``time_cond``), GroupNorm and
+biased projections in the attention (``attn_norm``, ``attn_bias``), ``heads=None`` with a fixed ``dim_head``, the
+CLIP text embedding in the time embedding (``text_embed_dim``), no learned null text (``text_null``), a LayerNorm on
+the text tokens only (``context_norm``), and super-resolution without a noise-level embedding and with an
+antialiased bicubic resize (``lowres_noise_cond``, ``lowres_resize``); ``lightning_mav.karlo.unet`` converts the
+weights.
+
 Layout: videos are folded to ``[(B F), C, H, W]`` once on entry (see ``p3d``); GroupNorm therefore normalises
 each frame on its own, and only the temporal layers look across frames.
 """
@@ -63,14 +71,25 @@ class ResBlock(nn.Module):
         dropout: dropout before the second conv.
         temporal: build the temporal convs.
         norm_groups: GroupNorm groups (reduced to ``gcd(norm_groups, ch)``).
+        time_cond: ``"scale_shift"`` as above; ``"add"``: ``GN(Conv_P3D(...) + proj(emb))`` instead of the
+            scale-shift (diffusers' ``time_embedding_norm="default"``; ``emb_proj`` then has ``out_ch`` outputs).
+        resample: ``None``; ``"down"`` / ``"up"``: after ``GN -> SiLU``, average-pool 2x2 / nearest ×2 both the
+            hidden path and the skip input, then continue (diffusers' ``ResnetBlock2D(down=True / up=True)``,
+            BigGAN's resampling residual block). The frame axis is never resampled.
     """
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, *, dropout: float = 0.0, temporal: bool = False,
-                 norm_groups: int = 32) -> None:
+                 norm_groups: int = 32, time_cond: Literal["scale_shift", "add"] = "scale_shift",
+                 resample: Literal["down", "up"] | None = None) -> None:
         super().__init__()
+        if time_cond not in ("scale_shift", "add"):
+            raise ValueError(f"ResBlock time_cond must be one of ('scale_shift', 'add'), got {time_cond!r}")
+        if resample not in (None, "down", "up"):
+            raise ValueError(f"ResBlock resample must be one of (None, 'down', 'up'), got {resample!r}")
+        self.time_cond, self.resample = time_cond, resample
         self.norm1 = _group_norm(in_ch, norm_groups)
         self.conv1 = Conv_P3D(in_ch, out_ch, 3, temporal)
-        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch)
+        self.emb_proj = nn.Linear(emb_dim, (2 if time_cond == "scale_shift" else 1) * out_ch)
         self.norm2 = _group_norm(out_ch, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = Conv_P3D(out_ch, out_ch, 3, temporal)
@@ -79,13 +98,25 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor, num_frames: int | None, time: bool = True) -> Tensor:
-        """``x [(B F), C_in, H, W]``, ``emb [B, emb_dim]`` (already SiLU-ed) -> ``[(B F), C_out, H, W]``."""
-        h = self.conv1.forward_frames(F.silu(self.norm1(x)), num_frames, time)
-        scale_shift = self.emb_proj(emb)
+        """``x [(B F), C_in, H, W]``, ``emb [B, emb_dim]`` (already SiLU-ed) -> ``[(B F), C_out, H', W']``
+        (``H' = H/2`` with ``resample="down"``, ``2H`` with ``"up"``)."""
+        h = F.silu(self.norm1(x))
+        if self.resample == "down":
+            x, h = F.avg_pool2d(x, 2), F.avg_pool2d(h, 2)
+            h = self.conv1.forward_frames(h, num_frames, time)
+        elif self.resample == "up":
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            h = _upsample_conv(self.conv1, h, num_frames, time)
+        else:
+            h = self.conv1.forward_frames(h, num_frames, time)
+        emb_out = self.emb_proj(emb)
         if num_frames is not None:  # the same conditioning for every frame of a clip
-            scale_shift = scale_shift.repeat_interleave(num_frames, dim=0)
-        scale, shift = scale_shift[:, :, None, None].chunk(2, dim=1)
-        h = torch.addcmul(shift, self.norm2(h), 1 + scale)
+            emb_out = emb_out.repeat_interleave(num_frames, dim=0)
+        if self.time_cond == "add":
+            h = self.norm2(h + emb_out[:, :, None, None])
+        else:
+            scale, shift = emb_out[:, :, None, None].chunk(2, dim=1)
+            h = torch.addcmul(shift, self.norm2(h), 1 + scale)
         h = self.conv2.forward_frames(self.dropout(F.silu(h)), num_frames, time)
         return self.skip(x) + h
 
@@ -120,14 +151,19 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor, num_frames: int | None, time: bool = True) -> Tensor:
         """``[(B F), C, H, W] -> [(B F), C, 2H, 2W]``."""
-        spatial = self.conv.spatial
-        if spatial.kernel_size != (3, 3) or spatial.stride != (1, 1) or spatial.padding != (1, 1):
-            h = spatial(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        else:
-            h = upsample_conv3x3(x, spatial.weight, spatial.bias)
-        if self.conv.temporal is not None and num_frames is not None and time:
-            h = self.conv.temporal(h, num_frames)
-        return h
+        return _upsample_conv(self.conv, x, num_frames, time)
+
+
+def _upsample_conv(conv: Conv_P3D, x: Tensor, num_frames: int | None, time: bool) -> Tensor:
+    """``conv(nearest_upsample_x2(x))`` on folded frames, the 3x3 spatial conv in the sub-pixel form (``Upsample``)."""
+    spatial = conv.spatial
+    if spatial.kernel_size != (3, 3) or spatial.stride != (1, 1) or spatial.padding != (1, 1):
+        h = spatial(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    else:
+        h = upsample_conv3x3(x, spatial.weight, spatial.bias)
+    if conv.temporal is not None and num_frames is not None and time:
+        h = conv.temporal(h, num_frames)
+    return h
 
 
 def _subpixel_kernels(weight: Tensor) -> Tensor:
@@ -213,7 +249,12 @@ class UNet(nn.Module):
         num_res_blocks: residual blocks per level on the way down (``+1`` on the way up, as in ADM).
         attn_levels: indices into ``dim_mults`` of the levels whose res blocks are followed by ``Attn_P3D``.
         mid_attn: attention in the middle block.
-        heads, dim_head: attention heads and per-head width (inner width ``heads * dim_head``).
+        heads, dim_head: attention heads and per-head width (inner width ``heads * dim_head``), spatial and
+            temporal attention alike. ``heads=None``: each attention layer of ``C`` channels has ``C // dim_head``
+            heads (unCLIP/Karlo: ``dim_head=64``); ``dim_head=None``: ``C // heads`` wide heads.
+        attn_norm: ``"layer"``: LayerNorm on the spatial attention's tokens; ``"group"``: GroupNorm (``norm_groups``,
+            eps 1e-5) on the frame, as diffusers' unCLIP/Karlo attention (``Attention(norm_num_groups=...)``).
+        attn_bias: biases on the spatial attention's ``q``/``k``/``v`` projections (own and context tokens).
         image_embed_dim: width ``D`` of the CLIP image embedding ``y_e``, or ``None`` (no image conditioning).
         num_image_tokens: ``K``, the context tokens projected from ``y_e`` (unCLIP uses 4).
         image_embed_scale: multiplies ``y_e`` (and its learned null) before the projections; ``"unit_rms"``:
@@ -222,9 +263,22 @@ class UNet(nn.Module):
             the embedding's shape far more often (docs/choices.md#d-image_embed_scale-unit_rms). 1.0 = as
             given (the default, which every checkpoint saved without the key was trained with).
         text_dim: width of the text hidden states used as context tokens, or ``None``.
+        text_embed_dim: width of a pooled text embedding (``text_embed``, the CLIP text embedding ``e_x``) projected
+            by ``text_embed_proj`` into the time embedding (unCLIP/Karlo's ``embedding_proj``), or ``None``. Not
+            touched by ``drop_cond``.
+        text_null: ``"learned"``: ``drop_cond`` (and ``text_hidden=None``) uses the learned ``null_text_hidden``
+            token; ``"none"``: no such parameter, ``drop_cond`` leaves the text inputs alone (the caller passes the
+            empty caption's encoding, as Karlo does) and ``text_hidden=None`` means no text context.
         cond_dim: width of the context tokens (default: the time-embedding width ``4 * dim``).
-        lowres_cond: super-resolution: concatenate the upsampled low-res input and embed its noise level.
+        context_norm: ``"all"``: the LayerNorm ``context_norm`` normalises every context token; ``"text"``: only
+            the projected text hidden states, not the image tokens (Karlo's ``text_encoder_hidden_states_norm``).
+        lowres_cond: super-resolution: concatenate the upsampled low-res input (and embed its noise level).
         lowres_channels: channels of the low-res input (default ``in_channels``).
+        lowres_noise_cond: with ``lowres_cond``, embed ``lowres_noise_level`` (``lowres_noise_embed``); False: no
+            such embedding (Karlo's super-resolution networks).
+        lowres_resize: how ``lowres`` is resized to ``x``'s size: ``"bilinear"``, or ``"bicubic"`` with
+            antialiasing as Karlo's pipeline (``F.interpolate(mode="bicubic", align_corners=False,
+            antialias=True)``; antialias changes upsampling too: PyTorch's antialiased kernel is PIL's, ``a=-0.5``).
         extra_in_channels: extra input channels (``↑F``: masked frames + mask) through the zero-init ``extra_in``.
         fps_cond: add the fps embedding (``D_t``); its parameters are named ``fps_*``.
         temporal: build the temporal layers (``D_t``, ``↑F``, ``SR_t``); ``False`` for ``D``, ``SR_l``, ``SR_h``.
@@ -237,6 +291,11 @@ class UNet(nn.Module):
             Off by default; unmeasured on GPU (cuDNN prefers NHWC).
         norm_groups: GroupNorm groups.
         max_frames: see ``p3d.RotaryEmbedding`` (not a hard limit).
+        resample: ``"conv"``: strided-conv ``Downsample`` and nearest-then-conv ``Upsample``; ``"resblock"``: the
+            resamplers are ``ResBlock``s that pool / upsample inside (diffusers' ``ResnetBlock2D(down/up=True)``,
+            unCLIP/Karlo), in the same ``Block`` positions.
+        time_cond: how the res blocks take the time embedding: ``"scale_shift"`` (ADM's scale-shift norm) or
+            ``"add"`` (added after the first conv, diffusers' ``time_embedding_norm="default"``).
     """
 
     def __init__(
@@ -248,8 +307,8 @@ class UNet(nn.Module):
         num_res_blocks: int = 2,
         attn_levels: Sequence[int] = (2,),
         mid_attn: bool = True,
-        heads: int = 4,
-        dim_head: int = 32,
+        heads: int | None = 4,
+        dim_head: int | None = 32,
         image_embed_dim: int | None = None,
         num_image_tokens: int = 4,
         image_embed_scale: float | Literal["unit_rms"] = 1.0,
@@ -265,11 +324,35 @@ class UNet(nn.Module):
         channels_last: bool = False,
         norm_groups: int = 32,
         max_frames: int = 128,
+        resample: Literal["conv", "resblock"] = "conv",
+        time_cond: Literal["scale_shift", "add"] = "scale_shift",
+        attn_norm: Literal["layer", "group"] = "layer",
+        attn_bias: bool = False,
+        text_embed_dim: int | None = None,
+        text_null: Literal["learned", "none"] = "learned",
+        context_norm: Literal["all", "text"] = "all",
+        lowres_noise_cond: bool = True,
+        lowres_resize: Literal["bilinear", "bicubic"] = "bilinear",
     ) -> None:
         super().__init__()
         dim_mults, attn_levels = tuple(dim_mults), tuple(attn_levels)
         if any(not 0 <= lvl < len(dim_mults) for lvl in attn_levels):
             raise ValueError(f"attn_levels {attn_levels} must index dim_mults {dim_mults}")
+        for name, value, allowed in (("resample", resample, ("conv", "resblock")),
+                                     ("time_cond", time_cond, ("scale_shift", "add")),
+                                     ("attn_norm", attn_norm, ("layer", "group")),
+                                     ("text_null", text_null, ("learned", "none")),
+                                     ("context_norm", context_norm, ("all", "text")),
+                                     ("lowres_resize", lowres_resize, ("bilinear", "bicubic"))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        for name, value in (("heads", heads), ("dim_head", dim_head)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if heads is None and dim_head is None:
+            raise ValueError("heads and dim_head cannot both be None: give one and the other is channels // it")
+        self.text_null, self.context_norm_mode, self.lowres_resize = text_null, context_norm, lowres_resize
+        self.text_embed_dim = text_embed_dim
         self.in_channels, self.out_channels = in_channels, out_channels
         self.num_levels = len(dim_mults)
         self.temporal, self.fps_cond, self.lowres_cond = temporal, fps_cond, lowres_cond
@@ -287,11 +370,15 @@ class UNet(nn.Module):
 
         # ---- embeddings added to the time embedding
         self.time_embed = TimestepEmbedding(dim, time_dim)
+        self.lowres_noise_cond = lowres_cond and lowres_noise_cond
         if lowres_cond:
             self.lowres_channels = lowres_channels or in_channels
+        if self.lowres_noise_cond:
             self.lowres_noise_embed = TimestepEmbedding(dim, time_dim)
         if fps_cond:
             self.fps_embed = FpsEmbedding(dim, time_dim)  # zero-init last layer: D_t == D at init whatever the fps
+        if text_embed_dim:
+            self.text_embed_proj = nn.Linear(text_embed_dim, time_dim)
 
         # ---- context tokens (unCLIP): K tokens from y_e, then text hidden states; learned nulls for CFG
         context_dim = None
@@ -303,10 +390,12 @@ class UNet(nn.Module):
             self.null_image_embed = nn.Parameter(torch.randn(image_embed_dim) * image_embed_dim ** -0.5)
         if text_dim:
             self.text_proj = nn.Linear(text_dim, self.cond_dim)
-            self.null_text_hidden = nn.Parameter(torch.randn(text_dim))  # ~ a LayerNorm-ed hidden state
+            if text_null == "learned":
+                self.null_text_hidden = nn.Parameter(torch.randn(text_dim))  # ~ a LayerNorm-ed hidden state
         if self.num_image_tokens or text_dim:
             context_dim = self.cond_dim
-            self.context_norm = nn.LayerNorm(self.cond_dim)
+            if context_norm == "all" or text_dim:
+                self.context_norm = nn.LayerNorm(self.cond_dim)
 
         # ---- input
         in_total = in_channels + (self.lowres_channels if lowres_cond else 0)
@@ -316,11 +405,23 @@ class UNet(nn.Module):
             self.extra_in = nn.Conv2d(extra_in_channels, dim, 3, padding=1, bias=False)
             nn.init.zeros_(self.extra_in.weight)
 
-        def res(i: int, o: int) -> ResBlock:
-            return ResBlock(i, o, time_dim, dropout=dropout, temporal=temporal, norm_groups=norm_groups)
+        def res(i: int, o: int, resample_: Literal["down", "up"] | None = None) -> ResBlock:
+            return ResBlock(i, o, time_dim, dropout=dropout, temporal=temporal, norm_groups=norm_groups,
+                            time_cond=time_cond, resample=resample_)
 
         def attn(ch: int) -> Attn_P3D:
-            return Attn_P3D(ch, heads, dim_head, context_dim, temporal, max_frames)
+            n_heads = heads if heads is not None else ch // dim_head
+            width = dim_head if dim_head is not None else ch // heads
+            if n_heads < 1 or width < 1:
+                raise ValueError(f"attention on {ch} channels with heads={heads}, dim_head={dim_head} has no head")
+            return Attn_P3D(ch, n_heads, width, context_dim, temporal, max_frames, norm=attn_norm,
+                            norm_groups=norm_groups, bias=attn_bias)
+
+        def downsample(ch: int) -> nn.Module:
+            return Downsample(ch, temporal) if resample == "conv" else res(ch, ch, "down")
+
+        def upsample(ch: int) -> nn.Module:
+            return Upsample(ch, temporal) if resample == "conv" else res(ch, ch, "up")
 
         # ---- down path (ADM layout: every block output is a skip)
         self.down = nn.ModuleList()
@@ -334,7 +435,7 @@ class UNet(nn.Module):
                 self.down.append(Block(layers))
                 skips.append(ch)
             if level != len(dim_mults) - 1:
-                self.down.append(Block([Downsample(ch, temporal)]))
+                self.down.append(Block([downsample(ch)]))
                 skips.append(ch)
 
         self.mid = Block([res(ch, ch), *([attn(ch)] if mid_attn else []), res(ch, ch)])
@@ -348,7 +449,7 @@ class UNet(nn.Module):
                 if level in attn_levels:
                     layers.append(attn(ch))
                 if level != 0 and i == num_res_blocks:
-                    layers.append(Upsample(ch, temporal))
+                    layers.append(upsample(ch))
                 self.up.append(Block(layers))
 
         # ---- output
@@ -402,7 +503,14 @@ class UNet(nn.Module):
             emb_term = self.image_embed_proj(image_embed)
             if self.num_image_tokens:
                 tokens.append(self.image_tokens_proj(image_embed).view(b, self.num_image_tokens, self.cond_dim))
-        if self.text_dim:
+        if self.text_dim and self.text_null == "none":
+            if text_hidden is not None:  # no null token: drop_cond leaves the text alone (the caller's choice)
+                text = self.text_proj(text_hidden.to(self.text_proj.weight.dtype))
+                tokens.append(self.context_norm(text) if self.context_norm_mode == "text" else text)
+                if text_mask is not None:
+                    mask = torch.cat([text_mask.new_ones(b, self.num_image_tokens, dtype=torch.bool),
+                                      text_mask.bool()], dim=1)
+        elif self.text_dim:
             null = self.null_text_hidden.view(1, 1, -1)
             if text_hidden is None:
                 text_hidden, text_mask = null.expand(b, 1, -1), None  # unconditional: one null token
@@ -416,11 +524,16 @@ class UNet(nn.Module):
                     first[:, 0] = True
                     keep = text_mask.bool() if text_mask is not None else torch.ones_like(first)
                     text_mask = torch.where(drop[:, None], first, keep)
-            tokens.append(self.text_proj(text_hidden))
+            text = self.text_proj(text_hidden)
+            tokens.append(self.context_norm(text) if self.context_norm_mode == "text" else text)
             if text_mask is not None:
                 mask = torch.cat([text_mask.new_ones(b, self.num_image_tokens, dtype=torch.bool),
                                   text_mask.bool()], dim=1)
-        context = self.context_norm(torch.cat(tokens, dim=1)) if tokens else None
+        if not tokens:
+            return emb_term, None, None
+        context = torch.cat(tokens, dim=1)
+        if self.context_norm_mode == "all":
+            context = self.context_norm(context)
         return emb_term, context, mask
 
     def _to_layout(self, x: Tensor) -> tuple[Tensor, int | None]:
@@ -440,6 +553,7 @@ class UNet(nn.Module):
         image_embed: Tensor | None = None,
         text_hidden: Tensor | None = None,
         text_mask: Tensor | None = None,
+        text_embed: Tensor | None = None,
         lowres: Tensor | None = None,
         lowres_noise_level: Tensor | None = None,
         fps: Tensor | None = None,
@@ -454,16 +568,19 @@ class UNet(nn.Module):
                 ``2 ** (len(dim_mults) - 1)``).
             t: ``[B]`` diffusion step (float or int, the scheduler's scale, e.g. ``[0, 1000)``).
             image_embed: ``[B, image_embed_dim]`` CLIP image embedding ``y_e``; ``None`` = the null embedding.
-            text_hidden: ``[B, L, text_dim]`` text hidden states; ``None`` = the null text token.
+            text_hidden: ``[B, L, text_dim]`` text hidden states; ``None`` = the null text token (no text context
+                with ``text_null="none"``).
             text_mask: ``[B, L]`` bool, True = real token.
+            text_embed: ``[B, text_embed_dim]`` pooled CLIP text embedding added (projected) to the time embedding
+                (used with ``text_embed_dim``; ``None`` = no term; not affected by ``drop_cond``).
             lowres: ``[B, C_lr, h, w]`` / ``[B, C_lr, F, h, w]`` low-res input (required with ``lowres_cond``);
-                resized per frame to ``x``'s ``H, W`` (bilinear) and concatenated to ``x``.
+                resized per frame to ``x``'s ``H, W`` (``lowres_resize``) and concatenated to ``x``.
             lowres_noise_level: ``[B]`` noise-augmentation level of ``lowres`` on the timestep scale
-                (``None`` = 0).
+                (``None`` = 0; used with ``lowres_noise_cond``).
             fps: ``[B]`` frame rate (used with ``fps_cond``; ``None`` = no fps term).
             extra: ``[B, extra_in_channels, (F,) H, W]`` (``↑F``: masked frames and mask); ``None`` = zeros.
             drop_cond: ``[B]`` bool; True replaces that item's image embedding and text by the learned nulls
-                (classifier-free guidance).
+                (classifier-free guidance; with ``text_null="none"`` only the image embedding).
             time: False runs a video frame by frame (all temporal layers off).
 
         Returns:
@@ -477,16 +594,20 @@ class UNet(nn.Module):
             lr, lr_frames = self._to_layout(lowres.to(h.dtype))
             if lr_frames != num_frames:
                 raise ValueError(f"lowres {tuple(lowres.shape)} and x {tuple(x.shape)} differ in frames")
-            if lr.shape[-2:] != h.shape[-2:]:
+            if lr.shape[-2:] != h.shape[-2:] and self.lowres_resize == "bicubic":
+                lr = F.interpolate(lr, size=h.shape[-2:], mode="bicubic", align_corners=False, antialias=True)
+            elif lr.shape[-2:] != h.shape[-2:]:
                 lr = F.interpolate(lr, size=h.shape[-2:], mode="bilinear", align_corners=False)
             h = torch.cat([h, lr], dim=1)
 
         emb = self.time_embed(t.to(h.device).reshape(b))
-        if self.lowres_cond:
+        if self.lowres_noise_cond:
             level = lowres_noise_level if lowres_noise_level is not None else torch.zeros(b, device=h.device)
             emb = emb + self.lowres_noise_embed(level.to(h.device).reshape(b))
         if self.fps_cond and fps is not None:
             emb = emb + self.fps_embed(fps.to(h.device).reshape(b))
+        if self.text_embed_dim and text_embed is not None:
+            emb = emb + self.text_embed_proj(text_embed.to(device=h.device, dtype=self.text_embed_proj.weight.dtype))
         drop = drop_cond.to(device=h.device, dtype=torch.bool).reshape(b) if drop_cond is not None else None
         emb_term, context, context_mask = self._context(b, image_embed, text_hidden, text_mask, drop)
         if emb_term is not None:
