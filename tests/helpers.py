@@ -297,3 +297,49 @@ def save_torchscript(module: torch.nn.Module, path: Path) -> Path:
         warnings.simplefilter("ignore")  # torch.jit.script is deprecated, but the detectors' format is TorchScript
         torch.jit.save(torch.jit.script(module.eval()), str(path))
     return path
+
+
+# ------------------------------------------------------------------------------------------------ pretrained
+def write_tiny_karlo(root: Path, *, embed_dim: int = 128, context_length: int = 32) -> Path:
+    """A random-init Karlo (kakaobrain/karlo-v1-alpha's structure and block types, tiny widths) written by diffusers'
+    ``save_pretrained`` in its layout under ``root``: prior/, text_proj/, decoder/ (16 px), super_res_first/ and
+    super_res_last/ (16 -> 64 px), and the three UnCLIPScheduler configs. The CLIP widths default to ``mav-tiny``'s
+    (as in Karlo, the CLIP's text width is its embedding width)."""
+    from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel, UnCLIPScheduler
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+
+    torch.manual_seed(0)
+    PriorTransformer(num_attention_heads=2, attention_head_dim=16, num_layers=1, embedding_dim=embed_dim,
+                     num_embeddings=context_length, additional_embeddings=4).save_pretrained(root / "prior")
+    time_dim, cross_dim = 64, 32
+    text_proj = UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=embed_dim,
+                                    time_embed_dim=time_dim, cross_attention_dim=cross_dim)
+    with torch.no_grad():  # zero-initialised in diffusers: random, so that a wrong mapping shows
+        text_proj.learned_classifier_free_guidance_embeddings.normal_()
+    text_proj.save_pretrained(root / "text_proj")
+    UNet2DConditionModel(
+        sample_size=16, layers_per_block=1, block_out_channels=(16, 32), norm_num_groups=8,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", in_channels=3, out_channels=6,
+        cross_attention_dim=cross_dim, class_embed_type="identity", attention_head_dim=8,
+        resnet_time_scale_shift="scale_shift").save_pretrained(root / "decoder")
+    for part in ("super_res_first", "super_res_last"):
+        UNet2DModel(sample_size=64, layers_per_block=1, block_out_channels=(16, 32), norm_num_groups=8,
+                    down_block_types=("ResnetDownsampleBlock2D",) * 2, up_block_types=("ResnetUpsampleBlock2D",) * 2,
+                    in_channels=6, out_channels=3, add_attention=False).save_pretrained(root / part)
+    UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample", num_train_timesteps=1000,
+                    clip_sample_range=5.0).save_pretrained(root / "prior_scheduler")
+    UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon",
+                    num_train_timesteps=1000).save_pretrained(root / "decoder_scheduler")
+    UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon",
+                    num_train_timesteps=1000).save_pretrained(root / "super_res_scheduler")
+    return root
+
+
+def save_open_clip_weights(path: Path, model_name: str = "mav-tiny") -> Path:
+    """A random-init open_clip model of ``model_name`` saved in open_clip's own file format (the bare state dict)."""
+    from lightning_mav.nn.clip import CLIP
+
+    torch.save(CLIP(model_name).model.state_dict(), path)
+    return path

@@ -6,6 +6,12 @@ and fine-tuned on *unlabeled* video: the conditioning is the CLIP embedding of o
 is ever needed. Classifier-free guidance: the embedding is replaced by the U-Net's learned null conditioning with
 probability ``cond_drop_prob``.
 
+A decoder whose U-Net also reads text (unCLIP's, e.g. Karlo's imported D: ``unet.text_dim`` / ``text_embed_dim``,
+``text_null: none``) gets the CLIP encoding of the empty caption ``""`` for it, in training and in sampling: unlabeled
+video has no caption, and the empty caption is how unCLIP trained its decoder without one (it dropped captions to
+``""``, which its pipeline also feeds the unconditional branch), so D_t starts from what D does with no text
+(docs/choices.md#karlo-d_t-without-captions).
+
 Batches
     ``{"image": [B, 3, H, W]}``                        D (or image steps of D_t: temporal layers skipped)
     ``{"video": [B, F, 3, H, W], "fps": [B]}``         D_t (rearranged to ``[B, 3, F, H, W]``)
@@ -41,6 +47,9 @@ class DecoderStage(StageBase):
             with ``clip_model``. Unset with ``init_from``: the parent's (a chain names its CLIP once); unset without:
             an unconditional U-Net (``image_embed_dim`` unset) or precomputed ``image_embed`` in every batch.
         clip_model: the open_clip architecture of a weights file ``clip_ckpt`` (``ViT-L-14``, ``ViT-H-14``, ...).
+        embed_space: ``"unit"``: the U-Net sees L2-normalised CLIP image embeddings (the suite's D); ``"raw"``: the
+            CLIP's unnormalised projections, as unCLIP / Karlo's decoder was trained (and its prior samples).
+            With ``init_from``, the parent's unless set.
         image_size: side of the generated frames (sampling; training uses the data's size).
         cond_drop_prob: probability of dropping the conditioning in training (classifier-free guidance).
         cond_frame: which frame's embedding conditions a video: ``"middle"``, ``"first"`` or ``"random"``.
@@ -65,6 +74,7 @@ class DecoderStage(StageBase):
         diffusion: dict[str, Any] | None = None,
         clip_ckpt: str | None = None,
         clip_model: str | None = None,
+        embed_space: Literal["unit", "raw"] | None = None,
         image_size: int = 64,
         cond_drop_prob: float = 0.1,
         cond_frame: Literal["middle", "first", "random"] = "middle",
@@ -72,7 +82,7 @@ class DecoderStage(StageBase):
         init_from: str | None = None,
         freeze_spatial: bool = False,
         sample_steps: int = 50,
-        sampler: Literal["ddim", "ddpm", "dpm++"] = "ddim",
+        sampler: Literal["ddim", "ddpm", "dpm++", "unclip"] = "ddim",
         guidance_scale: float = 3.0,
         per_frame_below: float = 0.0,
         **options: Any,
@@ -85,6 +95,10 @@ class DecoderStage(StageBase):
         if cond_frame not in ("middle", "first", "random"):
             raise ValueError(f"cond_frame must be 'middle', 'first' or 'random', got {cond_frame!r}")
         configs = self.inherit_configs(init_from, unet=unet, diffusion=diffusion)
+        embed_space = embed_space or self.parent_hparams.get("embed_space") or "unit"
+        if embed_space not in ("unit", "raw"):
+            raise ValueError(f"embed_space must be 'unit' or 'raw', got {embed_space!r}")
+        self.embed_space = self.hparams["embed_space"] = embed_space  # resolved: children inherit it
         clip = self.load_clip(*self.inherit_clip(clip_ckpt, clip_model))
         unet_kwargs = configs["unet"]  # the same dict as hparams.unet: the resolved image_embed_dim is saved too
         if clip is not None:
@@ -94,6 +108,11 @@ class DecoderStage(StageBase):
                                  f"{self.hparams.clip_ckpt} embeds to {clip.embed_dim}")
         self.unet = UNet(**unet_kwargs)
         self.conditional = bool(unet_kwargs.get("image_embed_dim"))
+        self.text_conditional = bool(unet_kwargs.get("text_dim") or unet_kwargs.get("text_embed_dim"))
+        if self.text_conditional and unet_kwargs.get("text_null", "learned") != "none":
+            raise ValueError("unet.text_dim / text_embed_dim: a text-conditioned decoder here reads the empty "
+                             "caption (no captions in video); set unet.text_null: none")
+        self._empty_caption: dict[str, Tensor] | None = None
         self.fps_cond = bool(unet_kwargs.get("fps_cond", False))
         self.diffusion = Diffusion(**resolve_pixel_diffusion(configs["diffusion"]))
         self.image_size, self.cond_frame, self.cond_drop_prob = image_size, cond_frame, cond_drop_prob
@@ -110,11 +129,33 @@ class DecoderStage(StageBase):
         if not self.conditional:
             return None
         if batch is not None and "image_embed" in batch:
-            return F.normalize(batch["image_embed"].float(), dim=-1)
+            return self.as_embed(batch["image_embed"])
         if self.clip is None:
             raise ValueError("DecoderStage: the U-Net is conditioned (image_embed_dim) but there is no CLIP "
                              "(clip_ckpt) and the batch has no precomputed 'image_embed'")
-        return self.clip.encode_image(images)
+        return self.clip.encode_image(images, normalize=self.embed_space == "unit")
+
+    def as_embed(self, image_embed: Tensor) -> Tensor:
+        """A CLIP image embedding ``[B, D]`` in this decoder's ``embed_space`` (float32, on this device)."""
+        image_embed = image_embed.float().to(self.device)
+        return F.normalize(image_embed, dim=-1) if self.embed_space == "unit" else image_embed
+
+    def text_inputs(self, batch: int) -> dict[str, Tensor]:
+        """The U-Net's text inputs for ``batch`` caption-free items: the empty caption's CLIP encoding
+        (``text_embed [B, D]``, ``text_hidden [B, L, W]``, ``text_mask [B, L]``), or ``{}`` for a U-Net without text."""
+        if not self.text_conditional:
+            return {}
+        if self._empty_caption is None or self._empty_caption["text_hidden"].device != self.device:
+            if self.clip is None:
+                raise ValueError("DecoderStage: the U-Net reads text but there is no CLIP (clip_ckpt) to encode "
+                                 "the empty caption with")
+            e_x, hidden, mask = self.clip.encode_text_hidden(self.clip.tokenize([""]), normalize=False)
+            self._empty_caption = {"text_embed": e_x.float(), "text_hidden": hidden.float(), "text_mask": mask}
+        inputs = {"text_embed": self._empty_caption["text_embed"], "text_hidden": self._empty_caption["text_hidden"],
+                  "text_mask": self._empty_caption["text_mask"]}
+        keep = {"text_embed": self.unet.text_embed_dim, "text_hidden": self.unet.text_dim,
+                "text_mask": self.unet.text_dim}
+        return {k: v.expand(batch, *v.shape[1:]) for k, v in inputs.items() if keep[k]}
 
     def cond_frame_index(self, batch: int, frames: int, generator: torch.Generator | None = None) -> Tensor:
         """Index ``[B]`` of the frame whose embedding conditions each clip."""
@@ -133,7 +174,7 @@ class DecoderStage(StageBase):
             b = x_t.shape[0]
             d = drop if drop_cond is None else torch.as_tensor(drop_cond, device=x_t.device).expand(b)
             return self.unet(x_t, t, image_embed=repeat_to_batch(image_embed, b), fps=repeat_to_batch(fps, b),
-                             drop_cond=d if image_embed is not None else None, time=time)
+                             drop_cond=d if image_embed is not None else None, time=time, **self.text_inputs(b))
         return fn
 
     # ------------------------------------------------------------------ training
@@ -195,7 +236,7 @@ class DecoderStage(StageBase):
         the paper's ablation of D_t against D applied frame by frame.
         """
         if image_embed is not None:
-            image_embed = F.normalize(image_embed.float().to(self.device), dim=-1)
+            image_embed = self.as_embed(image_embed)
             batch_size = image_embed.shape[0]
         elif self.conditional:
             raise ValueError("this decoder is conditioned on CLIP image embeddings: pass image_embed [B, D]")

@@ -34,7 +34,6 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
@@ -187,7 +186,7 @@ class InterpolationStage(DecoderStage):
             d = drop if drop_cond is None else torch.as_tensor(drop_cond, device=x_t.device).expand(b)
             return self.unet(x_t, t, image_embed=repeat_to_batch(image_embed, b), fps=repeat_to_batch(fps, b),
                              extra=repeat_to_batch(extra, b).to(x_t.dtype),
-                             drop_cond=d if image_embed is not None else None, time=time)
+                             drop_cond=d if image_embed is not None else None, time=time, **self.text_inputs(b))
         return fn
 
     # ------------------------------------------------------------------ training
@@ -214,7 +213,7 @@ class InterpolationStage(DecoderStage):
         if self.conditional:
             if image_embed is None:  # the paper's pipeline passes P's y_e; alone, embed the middle frame
                 image_embed = self.embed(video[:, :, video.shape[2] // 2])
-            image_embed = F.normalize(image_embed.float().to(self.device), dim=-1)
+            image_embed = self.as_embed(image_embed)
         else:
             image_embed = None
         if fps is not None and self.fps_cond:

@@ -8,15 +8,22 @@ Precomputed targets: when a batch carries ``"image_embed"`` (FloatTensor ``[B, D
 ``image_embed.npy`` entry of each shard sample, CLIP image embedding of the same CLIP), it is used instead of
 encoding ``"image"``, which the batch may then omit. It is L2-normalised here either way.
 
-Scale: the CLIP embeddings are unit vectors; the diffusion runs on ``sqrt(D) · y_e`` so each component has roughly
-unit variance, like the Gaussian noise it is mixed with (as in DALL·E 2 implementations). ``sample`` returns unit
-vectors again.
+Scale (``embed_space: unit``, the default): the CLIP embeddings are unit vectors; the diffusion runs on
+``sqrt(D) · y_e`` so each component has roughly unit variance, like the Gaussian noise it is mixed with (as in
+DALL·E 2 implementations). ``sample`` returns unit vectors again. ``embed_space: raw`` is unCLIP / Karlo's: the CLIP's
+unnormalised text and image projections, the diffusion running on ``(y_e - mean) / std`` with the per-dimension
+statistics the prior carries (``clip_mean``, ``clip_std``; an imported Karlo prior), and ``sample`` returning raw
+embeddings for a decoder trained on those.
+
+Classifier-free guidance: the unconditional branch is the prior's learned null (``text_null: learned``) or, for a
+prior without one (``text_null: none``, Karlo's), the CLIP encoding of the empty caption ``""``, which is also what a
+dropped caption becomes in training.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +46,7 @@ class PriorStage(StageBase):
         dim, depth, heads, dim_head, dropout: the prior transformer (:class:`lightning_mav.nn.prior.Prior`).
         timesteps, schedule, objective: the diffusion (x0, DALL·E 2's choice, by default).
         cond_drop_prob: probability of training a sample unconditionally (classifier-free guidance).
-        sample_steps, guidance_scale: defaults of :meth:`sample`.
+        sample_steps, guidance_scale, sampler: defaults of :meth:`sample`.
         options: the options every stage shares (lr, weight_decay, betas, warmup_steps, lr_schedule,
             media_batch_size, media_seed, nonfinite): see :class:`StageBase`.
     """
@@ -55,52 +62,81 @@ class PriorStage(StageBase):
         heads: int = 4,
         dim_head: int = 64,
         dropout: float = 0.0,
+        qkv_bias: bool = False,
+        text_null: Literal["learned", "none"] = "learned",
+        embed_space: Literal["unit", "raw"] = "unit",
         timesteps: int = 1000,
         schedule: str = "cosine",
         objective: str = "x0",
+        clip_sample: float | None = None,
         cond_drop_prob: float = 0.2,
         sample_steps: int = 64,
         guidance_scale: float = 2.0,
+        sampler: Literal["ddim", "ddpm", "dpm++", "unclip"] = "ddim",
         **options: Any,
     ) -> None:
         super().__init__(**options)
         self.save_hyperparameters()
+        if embed_space not in ("unit", "raw"):
+            raise ValueError(f"embed_space must be 'unit' or 'raw', got {embed_space!r}")
         clip: CLIP = self.load_clip(clip_ckpt, clip_model)
         self.prior = Prior(clip.embed_dim, clip.text_width, max_text_len=clip.context_length, dim=dim, depth=depth,
-                           heads=heads, dim_head=dim_head, dropout=dropout)
-        self.diffusion = Diffusion(timesteps, schedule, objective)  # no clipping: embeddings are unbounded
+                           heads=heads, dim_head=dim_head, dropout=dropout, qkv_bias=qkv_bias, text_null=text_null,
+                           embed_stats=embed_space == "raw")
+        # no clipping by default: unit embeddings scaled by sqrt(D) are unbounded
+        self.diffusion = Diffusion(timesteps, schedule, objective, clip_sample=clip_sample)
+        self.embed_space, self.text_null = embed_space, text_null
         self.scale = math.sqrt(clip.embed_dim)
         self.cond_drop_prob, self.sample_steps, self.guidance_scale = cond_drop_prob, sample_steps, guidance_scale
+        self.sampler = sampler
 
     # ------------------------------------------------------------------ conditioning
     def encode_text(self, captions: list[str]) -> dict[str, Tensor]:
         """Frozen C_x: ``{"text_embed": e_x [B, D], "text_hidden": [B, L, W], "text_mask": [B, L] bool}``."""
-        e_x, hidden, mask = self.clip.encode_text_hidden(self.clip.tokenize(captions))
+        e_x, hidden, mask = self.clip.encode_text_hidden(self.clip.tokenize(captions),
+                                                         normalize=self.embed_space == "unit")
         return {"text_embed": e_x, "text_hidden": hidden, "text_mask": mask}
 
     def image_embed(self, batch: dict[str, Any]) -> Tensor:
-        """Target ``y_e [B, D]`` (unit norm): the precomputed ``image_embed`` if present, else CLIP(image)."""
+        """Target ``y_e [B, D]`` in ``embed_space``: the precomputed ``image_embed`` if present, else CLIP(image)."""
+        unit = self.embed_space == "unit"
         if "image_embed" in batch:
-            return F.normalize(batch["image_embed"].float().to(self.device), dim=-1)
-        return self.clip.encode_image(batch["image"])
+            y_e = batch["image_embed"].float().to(self.device)
+            return F.normalize(y_e, dim=-1) if unit else y_e
+        return self.clip.encode_image(batch["image"], normalize=unit)
+
+    def to_diffusion(self, y_e: Tensor) -> Tensor:
+        """``y_e [B, D]`` -> the space the diffusion runs in (``sqrt(D)·y_e``, or standardised for ``raw``)."""
+        return y_e * self.scale if self.embed_space == "unit" else self.prior.normalize(y_e)
+
+    def from_diffusion(self, y: Tensor) -> Tensor:
+        """Inverse of :meth:`to_diffusion`, back to a unit or raw CLIP image embedding ``[B, D]``."""
+        return F.normalize(y, dim=-1) if self.embed_space == "unit" else self.prior.unnormalize(y)
 
     def model_fn(self, cond: dict[str, Tensor], drop: Tensor | None = None):
         """``(y_t, t, drop_cond=None) -> prediction``: P with its text conditioning bound.
 
         ``drop_cond`` from the sampler is a bool or a ``[2B]`` tensor on a doubled batch (batched guidance); in
-        training ``drop`` ``[B]`` is fixed up front.
+        training ``drop`` ``[B]`` is fixed up front. Without a learned null (``text_null: none``) a dropped item
+        gets the empty caption's encoding instead.
         """
+        empty = self.encode_text([""]) if self.text_null == "none" else None
+
         def fn(y_t: Tensor, t: Tensor, drop_cond: bool | Tensor | None = None) -> Tensor:
             b = y_t.shape[0]
             d = drop if drop_cond is None else torch.as_tensor(drop_cond, device=y_t.device).expand(b)
             c = {k: repeat_to_batch(v, b) for k, v in cond.items()}
-            return self.prior(y_t, t, **c, drop_cond=d)
+            if empty is None:
+                return self.prior(y_t, t, **c, drop_cond=d)
+            if d is not None:
+                c = {k: torch.where(d.view(-1, *[1] * (v.dim() - 1)), empty[k], v) for k, v in c.items()}
+            return self.prior(y_t, t, **c)
         return fn
 
     # ------------------------------------------------------------------ training
     def compute_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, int]:
         cond = self.encode_text(batch["caption"])
-        y_e = self.image_embed(batch) * self.scale
+        y_e = self.to_diffusion(self.image_embed(batch))
         b = y_e.shape[0]
         drop = torch.rand(b, generator=generator).to(self.device) < self.cond_drop_prob
         # Evaluation padding (valid == False, see datamodules.shards) must not count in the loss.
@@ -117,17 +153,18 @@ class PriorStage(StageBase):
         steps: int | None = None,
         guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
-        sampler: str = "ddim",
+        sampler: str | None = None,
     ) -> Tensor:
-        """Text -> ``y_e [B, D]`` (unit norm), classifier-free guided. Same ``generator`` seed, same result."""
+        """Text -> ``y_e [B, D]`` (unit norm, or raw for ``embed_space: raw``), classifier-free guided.
+        Same ``generator`` seed, same result."""
         cond = self.encode_text(prompts)
-        scaled = self.diffusion.sample(
+        y = self.diffusion.sample(
             self.model_fn(cond), (len(prompts), self.clip.embed_dim),
-            steps=steps or self.sample_steps, sampler=sampler,
+            steps=steps or self.sample_steps, sampler=sampler or self.sampler,
             guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
             generator=generator, device=self.device,
         )
-        return F.normalize(scaled, dim=-1)
+        return self.from_diffusion(y)
 
     def media_from_batch(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         return {}  # P produces embeddings, not pictures; D's stage draws them

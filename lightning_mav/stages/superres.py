@@ -18,6 +18,10 @@ image, the low-res made by downsampling the crop, so the 768-px network trains a
 with the *same* initial noise for every frame, which the pipeline passes as ``sample(..., noise=...)``.
 SR_t: ``unet.temporal=True``, ``init_from`` an SR_l checkpoint, video batches.
 
+Karlo's imported SR_l (``mav import karlo``) is two networks of one architecture: ``unet`` for every sampling step
+but the last and ``unet_last`` (``last_step_unet: true``) for the final one, Karlo's "improved SR" split; its U-Net
+has no noise-level input (``unet.lowres_noise_cond: false``), so the low-res input is never noise-augmented.
+
 Batches: ``{"image": [B, 3, H, W]}`` (the high-res target; e.g. the text-image batches, captions unused) or
 ``{"video": [B, F, 3, H, W]}``; both are resized to ``highres_size`` when the data has another size.
 """
@@ -67,6 +71,9 @@ class SuperResStage(StageBase):
             from the saved hyperparameters once loaded (see :meth:`StageBase.init_network`).
         freeze_spatial: train only the new (temporal) parameters.
         sample_steps, sampler: defaults of :meth:`sample`.
+        last_step_unet: a second U-Net of the same architecture, ``unet_last``, runs the final sampling step (at
+            ``t = 0``; Karlo's SR). It is not trained by this stage (its loss trains ``unet``) and a child
+            (``init_from``) starts from ``unet`` alone.
         options: the options every stage shares (lr, weight_decay, betas, warmup_steps, lr_schedule,
             media_batch_size, media_seed, nonfinite): see :class:`StageBase`.
     """
@@ -86,7 +93,8 @@ class SuperResStage(StageBase):
         init_from: str | None = None,
         freeze_spatial: bool = False,
         sample_steps: int = 50,
-        sampler: Literal["ddim", "ddpm", "dpm++"] = "ddim",
+        sampler: Literal["ddim", "ddpm", "dpm++", "unclip"] = "ddim",
+        last_step_unet: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(**options)
@@ -102,6 +110,9 @@ class SuperResStage(StageBase):
         self.residual = residual
         self.hparams["residual"] = residual  # resolved, so this stage's children inherit what it trained with
         self.unet = UNet(**{**configs["unet"], "lowres_cond": True})
+        self.unet_last = UNet(**{**configs["unet"], "lowres_cond": True}).requires_grad_(False) \
+            if last_step_unet else None
+        self.noise_aug = self.unet.lowres_noise_cond  # a U-Net without the level input gets the clean low-res image
         self.diffusion = Diffusion(**resolve_pixel_diffusion(configs["diffusion"]))
         self.lowres_size, self.highres_size, self.crop_size = lowres_size, highres_size, crop_size
         self.lowres_noise_max, self.lowres_noise_sample = lowres_noise_max, lowres_noise_sample
@@ -134,16 +145,26 @@ class SuperResStage(StageBase):
         return resize(lowres, size, mode="bicubic").clamp(-1, 1) if self.residual else None
 
     # ------------------------------------------------------------------ training
-    def model_fn(self, lowres: Tensor, level: Tensor, time: bool = True):
+    def model_fn(self, lowres: Tensor, level: Tensor, time: bool = True, sampling: bool = False):
         """``(x_t, t, drop_cond=None) -> output``: the U-Net with the (noised) low-res image bound.
 
         SR has no classifier-free guidance; ``drop_cond`` is accepted for the sampler's signature and ignored.
+        ``sampling``: the final step (``t = 0``) goes to ``unet_last`` when the stage has one.
         """
         def fn(x_t: Tensor, t: Tensor, drop_cond: bool | Tensor | None = None) -> Tensor:
             b = x_t.shape[0]
-            return self.unet(x_t, t, lowres=repeat_to_batch(lowres, b),
-                             lowres_noise_level=repeat_to_batch(level, b), time=time)
+            last = sampling and self.unet_last is not None and bool((t == 0).all())
+            return (self.unet_last if last else self.unet)(
+                x_t, t, lowres=repeat_to_batch(lowres, b), lowres_noise_level=repeat_to_batch(level, b), time=time)
         return fn
+
+    def augment(self, clean: Tensor, level: float | Tensor, *, noise: Tensor | None = None,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(the low-res input the U-Net sees, its noise level ``[B]``): noise-augmented, or clean at level 0 for a
+        U-Net without the level input."""
+        if not self.noise_aug:
+            return clean, torch.zeros(clean.shape[0], device=clean.device)
+        return self.diffusion.noise_lowres(clean, level, noise=noise, generator=generator)
 
     def compute_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, int]:
         x0 = self.highres(batch)
@@ -153,7 +174,7 @@ class SuperResStage(StageBase):
         levels = torch.rand(b, generator=generator).to(self.device) * self.lowres_noise_max
         clean = self.lowres_of(x0)
         base = self.base(clean, x0.shape[-2:])
-        lowres, level = self.diffusion.noise_lowres(clean, levels, generator=generator)
+        lowres, level = self.augment(clean, levels, generator=generator)
         target = x0 if base is None else x0 - base
         loss = self.diffusion.loss(self.model_fn(lowres, level), target, generator=generator)
         return loss, b
@@ -182,9 +203,10 @@ class SuperResStage(StageBase):
         """
         clean = lowres.float().to(self.device)
         level = self.lowres_noise_sample if noise_level is None else noise_level
-        lowres, level = self.diffusion.noise_lowres(clean, level, noise=lowres_noise, generator=generator)
+        lowres, level = self.augment(clean, level, noise=lowres_noise, generator=generator)
         shape = (*lowres.shape[:-2], lowres.shape[-2] * self.factor, lowres.shape[-1] * self.factor)
-        out = self.diffusion.sample(self.model_fn(lowres, level), shape, steps=steps or self.sample_steps,
+        out = self.diffusion.sample(self.model_fn(lowres, level, sampling=True), shape,
+                                    steps=steps or self.sample_steps,
                                     sampler=sampler or self.sampler, generator=generator, noise=noise,
                                     progress=progress, device=self.device)
         base = self.base(clean, shape[-2:])
