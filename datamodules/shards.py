@@ -30,6 +30,7 @@ import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -39,6 +40,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset
 
+from datamodules.embeds import EmbedInfo, check_companions, read_with_companion
 from datamodules.skips import SKIP_KEY, SkipCounter
 from datamodules.tars import Sample, count_samples, expand_urls, open_shard, read_samples
 
@@ -169,13 +171,16 @@ class ShardStream(IterableDataset):
         num_workers: DataLoader workers per rank (evaluation plans per worker; must match the loader).
         shuffle_buffer: samples held for shuffling in training.
         max_empty_shards: training aborts after this many consecutive shards give nothing.
+        embeds: folder of ``mav embed`` companion shards read next to ``urls`` (``datamodules.embeds``).
     """
 
     def __init__(self, urls: Sequence[str], codec: SampleCodec, *, batch_size: int, train: bool, seed: int = 0,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 1000,
-                 max_empty_shards: int = 100, opener: Callable[[str], IO[bytes]] = open_shard) -> None:
+                 max_empty_shards: int = 100, opener: Callable[[str], IO[bytes]] = open_shard,
+                 embeds: str | None = None) -> None:
         super().__init__()
         self.urls, self.codec, self.batch_size, self.train = list(urls), codec, batch_size, train
+        self.embeds = embeds
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers = max(1, num_workers)
         self.shuffle_buffer, self.max_empty_shards, self.opener = shuffle_buffer, max_empty_shards, opener
@@ -213,7 +218,8 @@ class ShardStream(IterableDataset):
     def _train_batches(self, slot: Slot, epoch: int) -> Iterator[dict[str, Any]]:
         rng = random.Random(mix_seed(self.seed, slot.rank, slot.worker, epoch))
         urls = split_by_node(resampled(self.urls, rng), slot)
-        samples = read_samples(urls, self.counter, max_empty_shards=self.max_empty_shards, opener=self.opener)
+        samples = read_samples(urls, self.counter, max_empty_shards=self.max_empty_shards, opener=self.opener,
+                               reader=self._reader())
         samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=rng)(samples)
         decoded = (d for d in (self.codec.decode(s, rng, self.counter) for s in samples) if d is not None)
         while True:
@@ -228,7 +234,7 @@ class ShardStream(IterableDataset):
             raise RuntimeError(f"evaluation stream planned for {self.num_workers} workers per rank but runs in "
                                f"{slot.num_workers}: build it with the DataLoader's num_workers")
         budget = self.plan.batches[slot.rank][slot.worker]
-        samples = read_samples(shards_for(self.urls, slot), self.counter, opener=self.opener)
+        samples = read_samples(shards_for(self.urls, slot), self.counter, opener=self.opener, reader=self._reader())
         decoded = (self.codec.decode(s, random.Random(mix_seed(self.seed, s["__key__"])), self.counter)
                    for s in samples)  # per-key rng: a sample decodes the same whatever slot reads it
         real = (d for d in decoded if d is not None)
@@ -243,6 +249,12 @@ class ShardStream(IterableDataset):
                 for _ in real:  # only if a shard grew since set-up or could not be counted in full
                     self.counter.add("eval_overflow")
             yield self._finish(group)
+
+    def _reader(self) -> Callable[[str], Iterator[Sample]] | None:
+        """Shard url -> samples with their companion's members (``embeds``), or None: plain ``iter_tar``."""
+        if self.embeds is None:
+            return None
+        return partial(read_with_companion, embeds=self.embeds, counter=self.counter, opener=self.opener)
 
     def _padding(self, example: Sample | None) -> Sample:
         pad = dict(example) if example is not None else self.codec.blank()
@@ -304,9 +316,11 @@ class ShardDataModule(pl.LightningDataModule):
                  val_batch_size: int | None = None, num_workers: int = 0, val_num_workers: int | None = None,
                  seed: int = 0, batches_per_epoch: int = 1000, shuffle_buffer: int = 1000, allow_pipe: bool = False,
                  pin_memory: bool = False, persistent_workers: bool = False,
-                 shapes_kwargs: dict[str, Any] | None = None) -> None:
+                 shapes_kwargs: dict[str, Any] | None = None, embeds: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.embeds = embeds
+        self.embed_info: EmbedInfo | None = None
         self.urls, self.val_urls, self.test_urls = urls, val_urls, test_urls
         self.root = root
         self.batch_size = batch_size
@@ -323,6 +337,10 @@ class ShardDataModule(pl.LightningDataModule):
 
     # -- subclass hooks
     def make_codec(self, train: bool) -> SampleCodec:
+        raise NotImplementedError
+
+    def data_size(self) -> int:
+        """The side images / frames are decoded at (what ``mav embed --size`` must have used)."""
         raise NotImplementedError
 
     # -- Lightning contract
@@ -362,11 +380,15 @@ class ShardDataModule(pl.LightningDataModule):
 
     def build_stream(self, split: str) -> ShardStream:
         train = split == "train"
+        urls = expand_urls(self.split_urls(split), allow_pipe=self.allow_pipe)
+        if self.embeds is not None:
+            self.embed_info = self.embed_info or EmbedInfo.read(self.embeds)
+            check_companions(urls, self.embeds, self.embed_info, kind=self.kind, size=self.data_size())
         return ShardStream(
-            expand_urls(self.split_urls(split), allow_pipe=self.allow_pipe), self.make_codec(train),
+            urls, self.make_codec(train),
             batch_size=self.batch_size if train else self.val_batch_size, train=train,
             seed=mix_seed(self.seed, split), rank=self.rank, world_size=self.world_size,
-            num_workers=self._workers(split), shuffle_buffer=self.shuffle_buffer)
+            num_workers=self._workers(split), shuffle_buffer=self.shuffle_buffer, embeds=self.embeds)
 
     def _workers(self, split: str) -> int:
         return self.num_workers if split == "train" else self.val_num_workers

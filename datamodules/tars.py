@@ -152,13 +152,15 @@ def iter_tar(url: str, counter: SkipCounter, opener: Callable[[str], IO[bytes]] 
 
 
 def read_samples(urls: Iterable[str], counter: SkipCounter, *, max_empty_shards: int | None = None,
-                 opener: Callable[[str], IO[bytes]] = open_shard) -> Iterator[Sample]:
+                 opener: Callable[[str], IO[bytes]] = open_shard,
+                 reader: Callable[[str], Iterator[Sample]] | None = None) -> Iterator[Sample]:
     """Samples of every shard in ``urls`` in order. With ``max_empty_shards``, raise once that many
-    consecutive shards gave nothing (an infinite resampled stream over dead shards must not spin forever)."""
+    consecutive shards gave nothing (an infinite resampled stream over dead shards must not spin forever).
+    ``reader(url)`` replaces ``iter_tar`` (``datamodules.embeds.read_with_companion`` adds companion shards)."""
     empty = 0
     for url in urls:
         produced = False
-        for sample in iter_tar(url, counter, opener):
+        for sample in (iter_tar(url, counter, opener) if reader is None else reader(url)):
             produced = True
             yield sample
         empty = 0 if produced else empty + 1

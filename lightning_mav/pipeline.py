@@ -137,6 +137,8 @@ def load_stage(cls: type[StageBase], path: str | Path, *, stage: str, clip_ckpt:
     kwargs = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if k in params}
     if "init_from" in params:
         kwargs["init_from"] = None
+    for tower in ("clip_image_tower", "clip_text_tower"):  # trained on precomputed embeddings: sampling needs them
+        kwargs.pop(tower, None)
     if cls is PriorStage:
         if clip_ckpt:  # another file than P recorded: its own architecture (None: a suite CLIP run)
             kwargs["clip_model"] = clip_model

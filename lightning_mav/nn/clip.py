@@ -132,8 +132,35 @@ class CLIP(nn.Module):
         self.tokenizer = open_clip.SimpleTokenizer(context_length=self.context_length,
                                                    **(text_cfg.get("tokenizer_kwargs") or {}))
         self.frozen = False
+        self.has_image_tower = self.has_text_tower = True
         if freeze:
             self.freeze()
+
+    # ----------------------------------------------------------------------------------------------- towers
+    def drop_image_tower(self) -> "CLIP":
+        """Delete the image tower (``model.visual``) and free its memory: for training on precomputed ``y_e``
+        (``mav embed``). ``encode_image`` then raises."""
+        if self.has_image_tower:
+            del self.model.visual
+            self.has_image_tower = False
+        return self
+
+    def drop_text_tower(self) -> "CLIP":
+        """Delete the text tower (transformer, token and positional embeddings, final norm, projection): for
+        training P on precomputed text encodings. ``encode_text*`` then raise; ``tokenize`` still works."""
+        if self.has_text_tower:
+            m = self.model
+            names = (("text",) if isinstance(m, open_clip.CustomTextCLIP) else
+                     ("transformer", "token_embedding", "ln_final", "positional_embedding", "text_projection"))
+            for name in names:
+                delattr(m, name)
+            self.has_text_tower = False
+        return self
+
+    def _require(self, tower: str, present: bool) -> None:
+        if not present:
+            raise RuntimeError(f"this CLIP was loaded without its {tower} tower (clip_{tower}_tower: false): "
+                               f"the batch must carry the precomputed embeddings (data.init_args.embeds)")
 
     # ----------------------------------------------------------------------------------------------- freezing
     def freeze(self) -> "CLIP":
@@ -183,6 +210,7 @@ class CLIP(nn.Module):
 
     def encode_text_hidden(self, tokens: Tensor, normalize: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         """``x̂ [B, L]`` -> (``e_x [B, D]``, hidden states ``[B, L, W]``, mask ``[B, L]`` bool: True = real token)."""
+        self._require("text", self.has_text_tower)
         with self._grad():
             pooled, hidden = self._text_tower(tokens)
             e_x = self._project_text(pooled)
@@ -210,6 +238,7 @@ class CLIP(nn.Module):
 
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
         """Images ``[B, 3, H, W]`` in [-1, 1] (any size) -> ``y_e [B, D]``."""
+        self._require("image", self.has_image_tower)
         with self._grad():
             y_e = self.model.encode_image(self.preprocess(images))
         return F.normalize(y_e, dim=-1) if normalize else y_e

@@ -16,6 +16,7 @@ Batches
     ``{"image": [B, 3, H, W]}``                        D (or image steps of D_t: temporal layers skipped)
     ``{"video": [B, F, 3, H, W], "fps": [B]}``         D_t (rearranged to ``[B, 3, F, H, W]``)
     ``{"image_embed": [B, D], ...}``                   optional precomputed CLIP embedding of the conditioning
+    ``{"frame_embed": [B, F, D], ...}``                optional precomputed embedding of every frame (``mav embed``)
     ``{"images": {...}, "videos": {...}}``             a dict of such batches (Lightning's CombinedLoader): losses add
 """
 from __future__ import annotations
@@ -52,7 +53,8 @@ class DecoderStage(StageBase):
             With ``init_from``, the parent's unless set.
         image_size: side of the generated frames (sampling; training uses the data's size).
         cond_drop_prob: probability of dropping the conditioning in training (classifier-free guidance).
-        cond_frame: which frame's embedding conditions a video: ``"middle"``, ``"first"`` or ``"random"``.
+        cond_frame: which frame's embedding conditions a video: ``"middle"``, ``"first"`` or ``"random"``
+            (from the batch's ``frame_embed`` when the data carries precomputed ones).
         joint_image_prob: probability that a video training step instead trains on images (one frame per clip,
             its own embedding, temporal layers off), which keeps D_t's per-frame quality anchored to D.
         init_from: parent checkpoint (D for D_t); only new temporal/fps tensors may be absent from it. Cleared
@@ -64,6 +66,9 @@ class DecoderStage(StageBase):
             layers lay out a coherent video and D's spatial layers finish each frame. 0 (the paper): never. For
             a briefly trained D_t, whose temporal convolutions blur the shapes D draws
             (docs/choices.md#d_t-per_frame_below).
+        clip_image_tower: False: load the CLIP without its image tower (freed after loading), for training on
+            precomputed embeddings (``mav embed``, ``data.init_args.embeds``); a batch without them is then an error.
+            Sampling from a checkpoint (``pipeline.load_stage``) needs no CLIP here.
         options: the options every stage shares (lr, weight_decay, betas, warmup_steps, lr_schedule,
             media_batch_size, media_seed, nonfinite): see :class:`StageBase`.
     """
@@ -85,6 +90,7 @@ class DecoderStage(StageBase):
         sampler: Literal["ddim", "ddpm", "dpm++", "unclip"] = "ddim",
         guidance_scale: float = 3.0,
         per_frame_below: float = 0.0,
+        clip_image_tower: bool = True,
         **options: Any,
     ) -> None:
         super().__init__(**options)
@@ -100,6 +106,9 @@ class DecoderStage(StageBase):
             raise ValueError(f"embed_space must be 'unit' or 'raw', got {embed_space!r}")
         self.embed_space = self.hparams["embed_space"] = embed_space  # resolved: children inherit it
         clip = self.load_clip(*self.inherit_clip(clip_ckpt, clip_model))
+        self.clip_image_tower = clip_image_tower
+        if clip is not None and not clip_image_tower:
+            clip.drop_image_tower()  # every batch brings its y_e (mav embed): free the tower's memory
         unet_kwargs = configs["unet"]  # the same dict as hparams.unet: the resolved image_embed_dim is saved too
         if clip is not None:
             unet_kwargs.setdefault("image_embed_dim", clip.embed_dim)
@@ -130,10 +139,21 @@ class DecoderStage(StageBase):
             return None
         if batch is not None and "image_embed" in batch:
             return self.as_embed(batch["image_embed"])
+        if self.clip is not None and not self.clip.has_image_tower:
+            raise ValueError(f"{type(self).__name__}: clip_image_tower is false but the batch has no precomputed "
+                             f"'image_embed' / 'frame_embed': set data.init_args.embeds to a `mav embed` folder")
         if self.clip is None:
             raise ValueError("DecoderStage: the U-Net is conditioned (image_embed_dim) but there is no CLIP "
                              "(clip_ckpt) and the batch has no precomputed 'image_embed'")
         return self.clip.encode_image(images, normalize=self.embed_space == "unit")
+
+    def frame_embed(self, video: Tensor, idx: Tensor, batch: dict[str, Any]) -> Tensor | None:
+        """``y_e [B, D]`` of frame ``idx [B]`` of each clip ``video [B, F, 3, H, W]``: the batch's precomputed
+        ``frame_embed [B, F, D]`` (``mav embed``) at ``idx`` when present, else :meth:`embed` of those frames."""
+        if self.conditional and "frame_embed" in batch and "image_embed" not in batch:
+            embeds = batch["frame_embed"]
+            return self.as_embed(embeds[torch.arange(embeds.shape[0], device=embeds.device), idx.to(embeds.device)])
+        return self.embed(video[torch.arange(video.shape[0], device=video.device), idx], batch)
 
     def as_embed(self, image_embed: Tensor) -> Tensor:
         """A CLIP image embedding ``[B, D]`` in this decoder's ``embed_space`` (float32, on this device)."""
@@ -200,7 +220,7 @@ class DecoderStage(StageBase):
         b, f = video.shape[:2]
         idx = self.cond_frame_index(b, f, generator).to(video.device)
         frame = video[torch.arange(b, device=video.device), idx]  # [B, 3, H, W]
-        image_embed = self.embed(frame, batch)
+        image_embed = self.frame_embed(video, idx, batch)
         # joint image steps: one decision per step, seeded by the step so every DDP rank runs the same graph
         # (image steps leave the temporal/fps parameters unused: DDP then needs find_unused_parameters=True)
         coin = torch.rand(1, generator=torch.Generator().manual_seed(int(self.global_step))).item()
@@ -265,9 +285,8 @@ class DecoderStage(StageBase):
             video = batch["video"]
             b, f = video.shape[:2]
             idx = self.cond_frame_index(b, f, self.media_generator()).to(video.device)
-            frame = video[torch.arange(b, device=video.device), idx]
             fps = batch.get("fps")
-            samples = self.sample(self.embed(frame, batch), num_frames=f, fps=fps, batch_size=b,
+            samples = self.sample(self.frame_embed(video, idx, batch), num_frames=f, fps=fps, batch_size=b,
                                   image_size=video.shape[-1], generator=self.media_generator())
             return {"samples": samples, "reference": rearrange(video, "b f c h w -> b c f h w")}
         image = batch["image"]

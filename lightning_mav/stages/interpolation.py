@@ -196,7 +196,7 @@ class InterpolationStage(DecoderStage):
         x0 = rearrange(video, "b f c h w -> b c f h w")
         known = random_masks(b, f, self.skips, self.extrapolation_prob, generator).to(video.device)
         idx = self.cond_frame_index(b, f, generator).to(video.device)
-        image_embed = self.embed(video[torch.arange(b, device=video.device), idx], batch)
+        image_embed = self.frame_embed(video, idx, batch)
         fps = batch["fps"].float().to(video.device) if self.fps_cond and "fps" in batch else None
         drop = None
         if image_embed is not None and self.training:
@@ -373,7 +373,7 @@ class InterpolationStage(DecoderStage):
         b, _, f = video.shape[:3]
         known = interpolation_mask(f, min(max(self.skips), f - 1)).to(video.device)
         idx = self.cond_frame_index(b, f, self.media_generator()).to(video.device)
-        image_embed = self.embed(batch["video"][torch.arange(b, device=video.device), idx], batch)
+        image_embed = self.frame_embed(batch["video"], idx, batch)
         samples = self.sample(image_embed, video=video, known=known, fps=batch.get("fps"),
                               generator=self.media_generator())
         return {"samples": samples, "known": mask_condition(video, known.expand(b, f))[:, :3], "reference": video}

@@ -4,9 +4,11 @@ Trained on text-image pairs with a frozen CLIP (``clip_ckpt``, usually a CLIPSta
 ``e_x``, the text hidden states and the target ``y_e``. The CLIP weights are not saved in this stage's checkpoints
 (StageBase strips ``clip.*``); they are reloaded from ``clip_ckpt`` when the stage is rebuilt.
 
-Precomputed targets: when a batch carries ``"image_embed"`` (FloatTensor ``[B, D]``, decoded from an
-``image_embed.npy`` entry of each shard sample, CLIP image embedding of the same CLIP), it is used instead of
-encoding ``"image"``, which the batch may then omit. It is L2-normalised here either way.
+Precomputed embeddings (``mav embed``, ``data.init_args.embeds``): when a batch carries ``"image_embed"``
+(FloatTensor ``[B, D]``, the same CLIP's raw image embedding), it is used instead of encoding ``"image"``, which the
+batch may then omit; with ``"text_embed"``, ``"text_hidden"``, ``"text_mask"`` (``mav embed --text``) the captions are
+not encoded either. Raw embeddings are L2-normalised here for ``embed_space: unit``. ``clip_image_tower: false`` /
+``clip_text_tower: false`` then load the CLIP without those towers (sampling from the checkpoint loads them again).
 
 Scale (``embed_space: unit``, the default): the CLIP embeddings are unit vectors; the diffusion runs on
 ``sqrt(D) · y_e`` so each component has roughly unit variance, like the Gaussian noise it is mixed with (as in
@@ -47,6 +49,8 @@ class PriorStage(StageBase):
         timesteps, schedule, objective: the diffusion (x0, DALL·E 2's choice, by default).
         cond_drop_prob: probability of training a sample unconditionally (classifier-free guidance).
         sample_steps, guidance_scale, sampler: defaults of :meth:`sample`.
+        clip_image_tower, clip_text_tower: False: free that CLIP tower after loading, for training on precomputed
+            embeddings (a batch without them is then an error); ``pipeline.load_stage`` always loads both.
         options: the options every stage shares (lr, weight_decay, betas, warmup_steps, lr_schedule,
             media_batch_size, media_seed, nonfinite): see :class:`StageBase`.
     """
@@ -73,13 +77,22 @@ class PriorStage(StageBase):
         sample_steps: int = 64,
         guidance_scale: float = 2.0,
         sampler: Literal["ddim", "ddpm", "dpm++", "unclip"] = "ddim",
+        clip_image_tower: bool = True,
+        clip_text_tower: bool = True,
         **options: Any,
     ) -> None:
         super().__init__(**options)
         self.save_hyperparameters()
         if embed_space not in ("unit", "raw"):
             raise ValueError(f"embed_space must be 'unit' or 'raw', got {embed_space!r}")
+        if not clip_text_tower and text_null == "none":
+            raise ValueError("clip_text_tower: false needs text_null: learned (text_null: none encodes the empty "
+                             "caption with the text tower in every step)")
         clip: CLIP = self.load_clip(clip_ckpt, clip_model)
+        if not clip_image_tower:
+            clip.drop_image_tower()  # the targets y_e come precomputed (mav embed): free the tower's memory
+        if not clip_text_tower:
+            clip.drop_text_tower()  # so do e_x and the hidden states (mav embed --text)
         self.prior = Prior(clip.embed_dim, clip.text_width, max_text_len=clip.context_length, dim=dim, depth=depth,
                            heads=heads, dim_head=dim_head, dropout=dropout, qkv_bias=qkv_bias, text_null=text_null,
                            embed_stats=embed_space == "raw")
@@ -97,12 +110,28 @@ class PriorStage(StageBase):
                                                          normalize=self.embed_space == "unit")
         return {"text_embed": e_x, "text_hidden": hidden, "text_mask": mask}
 
+    def text_cond(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """:meth:`encode_text` of the batch's captions, or its precomputed ``text_embed [B, D]`` (raw; normalised
+        here for ``unit``), ``text_hidden [B, L, W]`` and ``text_mask [B, L]`` (``mav embed --text``)."""
+        if "text_embed" not in batch:
+            if not self.clip.has_text_tower:
+                raise ValueError("PriorStage: clip_text_tower is false but the batch has no precomputed 'text_embed': "
+                                 "write the companions with `mav embed --text` (data.init_args.embeds)")
+            return self.encode_text(batch["caption"])
+        e_x = batch["text_embed"].float().to(self.device)
+        return {"text_embed": F.normalize(e_x, dim=-1) if self.embed_space == "unit" else e_x,
+                "text_hidden": batch["text_hidden"].float().to(self.device),
+                "text_mask": batch["text_mask"].bool().to(self.device)}
+
     def image_embed(self, batch: dict[str, Any]) -> Tensor:
         """Target ``y_e [B, D]`` in ``embed_space``: the precomputed ``image_embed`` if present, else CLIP(image)."""
         unit = self.embed_space == "unit"
         if "image_embed" in batch:
             y_e = batch["image_embed"].float().to(self.device)
             return F.normalize(y_e, dim=-1) if unit else y_e
+        if not self.clip.has_image_tower:
+            raise ValueError("PriorStage: clip_image_tower is false but the batch has no precomputed 'image_embed': "
+                             "set data.init_args.embeds to a `mav embed` folder")
         return self.clip.encode_image(batch["image"], normalize=unit)
 
     def to_diffusion(self, y_e: Tensor) -> Tensor:
@@ -135,7 +164,7 @@ class PriorStage(StageBase):
 
     # ------------------------------------------------------------------ training
     def compute_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, int]:
-        cond = self.encode_text(batch["caption"])
+        cond = self.text_cond(batch)
         y_e = self.to_diffusion(self.image_embed(batch))
         b = y_e.shape[0]
         drop = torch.rand(b, generator=generator).to(self.device) < self.cond_drop_prob
