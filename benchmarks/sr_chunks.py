@@ -148,26 +148,29 @@ def memory_body(res: dict[str, Any], command: str, line: str, dtype_name: str) -
     return f"""`{command}`
 
 {line} One forward (no grad, {dtype_name}, batch 1, random weights), peak tensor memory during the call from the
-profiler's allocation events (weights not included: SR_t {m['params']['SR_t'] / 1e6:.0f} M parameters, SR_h
-{m['params']['SR_h'] / 1e6:.0f} M, {m['params']['SR_t'] * 4 / MiB:.0f} / {m['params']['SR_h'] * 4 / MiB:.0f} MiB
-in fp32). SR_t: the paper-width SR_l U-Net with temporal layers (64 -> 256); SR_h: 256 -> 768, per frame.
+profiler's allocation events, weights not included (SR_t {m['params']['SR_t'] / 1e6:.0f} M parameters,
+{m['params']['SR_t'] * 4 / MiB:.0f} MiB in fp32; SR_h {m['params']['SR_h'] / 1e6:.0f} M,
+{m['params']['SR_h'] * 4 / MiB:.0f} MiB). SR_t: the paper-width SR_l U-Net with temporal layers (64 -> 256); SR_h:
+256 -> 768, per frame. Wall time of the profiled call.
 
 {table}
 
-- **SR_t, 76 frames at 256², unchunked: about {m['extrapolated_76_mib'] / 1024:.1f} GiB** of activations (the linear fit
-  over the windows above, {m['slope_mib_per_frame']:.0f} MiB per frame + {m['intercept_mib']:.0f} MiB,
-  extrapolated to 76 frames; not run: at about {sr_t[-1]['wall_s'] / sr_t[-1]['frames']:.0f} s per frame per call on
-  this CPU one unchunked call would take {sr_t[-1]['wall_s'] / sr_t[-1]['frames'] * 76 / 60:.0f} minutes, and the
-  fit's frames are all < 76). Activations grow linearly with the frames (GroupNorm, convolutions and the
-  per-frame spatial attention; the temporal attention's F² scores are computed by SDPA without materialising
-  them), so a window of W frames bounds the call to about {per_frame:.0f} MiB x W; windowed sampling
-  (`frame_chunk`) adds the float32 blend of all 76 output frames ({m['accumulator_mib']:.0f} MiB).
-- **SR_h at 768²**: {', '.join(f"{r['frames']} frame(s) per call {r['peak_mib'] / 1024:.1f} GiB" for r in sr_h)};
-  per frame by construction, so `mav generate --frame-batch N` bounds it (76 frames at once would need about
-  {sr_h[0]['peak_mib'] / sr_h[0]['frames'] * 76 / 1024:.0f} GiB).
-- On a GPU the same calls in bf16 hold about the same bytes (the CPU's autocast keeps GroupNorm and attention in
-  fp32, so these are upper bounds there); an 80 GB H100 fits the unchunked SR_t call, a 24 GB card needs
-  `--sr-t-chunk`.
+- **SR_t, 76 frames at 256², unchunked: about {m['extrapolated_76_mib'] / 1024:.1f} GiB** of activations:
+  {m['intercept_mib']:.0f} MiB + {m['slope_mib_per_frame']:.0f} MiB per frame, the linear fit over the windows
+  above, extrapolated (not run: at about {sr_t[-1]['wall_s'] / sr_t[-1]['frames']:.0f} s per frame per call on this
+  CPU one unchunked call would take {sr_t[-1]['wall_s'] / sr_t[-1]['frames'] * 76 / 60:.0f} minutes, and would
+  not fit its 24 GB). Activations grow linearly with the frames (GroupNorm, convolutions, the per-frame spatial
+  attention; SDPA computes the temporal attention's F² scores without storing them), so `frame_chunk` W bounds a
+  call to about {m['intercept_mib']:.0f} + {m['slope_mib_per_frame']:.0f}·W MiB (W = 16: about
+  {(m['intercept_mib'] + 16 * m['slope_mib_per_frame']) / 1024:.1f} GiB), plus the float32 blend of all 76 output
+  frames ({m['accumulator_mib']:.0f} MiB).
+- **SR_h at 768²**: {', '.join(f"{r['frames']} frame(s) per call {r['peak_mib'] / 1024:.1f} GiB" for r in sr_h)},
+  per frame by construction, so `mav generate --frame-batch N` bounds it. All 76 frames in one call, the pipeline's
+  default on a GPU, would need about {sr_h[0]['peak_mib'] / sr_h[0]['frames'] * 76 / 1024:.0f} GiB: at paper size
+  give `--frame-batch` (16 frames: about {sr_h[0]['peak_mib'] / sr_h[0]['frames'] * 16 / 1024:.0f} GiB;
+  `benchmarks.gpu_check` samples with 16).
+- Measured on the CPU; a GPU under bf16 autocast stores about the same activations. The unchunked SR_t call fits
+  an 80 GB H100; a 24 GB card needs `--sr-t-chunk` 16 or less.
 """
 
 
