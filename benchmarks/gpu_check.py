@@ -32,7 +32,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -155,8 +155,8 @@ def peak_flops(device: torch.device) -> tuple[float | None, str]:
     return wall * 1e9, "bf16 GEMM [1024x1024] measured in this run"
 
 
-def train_steps(name: str, stage: Any, batch: dict, device: torch.device, steps: int, warmup: int,
-                peak: float | None, count: bool) -> dict[str, Any]:
+def train_steps(stage: Any, batch: dict, device: torch.device, steps: int, warmup: int,
+                count: bool) -> dict[str, Any]:
     """``warmup`` + ``steps`` bf16 training steps of ``stage``; times, FLOPs, MFU and peak memory."""
     optimizer = stage.configure_optimizers()["optimizer"]
     generator = torch.Generator().manual_seed(0)
@@ -226,7 +226,7 @@ def check_network(name: str, args: argparse.Namespace, device: torch.device, pea
         try:
             if mode == "compiled":
                 setattr(stage, network_attr(name), torch.compile(network))
-            r = train_steps(name, stage, batch, device, args.steps, args.warmup, peak, count=gflop is None)
+            r = train_steps(stage, batch, device, args.steps, args.warmup, count=gflop is None)
             gflop = gflop if r["gflop_per_step"] is None else r["gflop_per_step"]
             r["gflop_per_step"] = gflop
             r["mfu"] = gflop * 1e9 / r["step_s"] / peak if (gflop and peak) else None
