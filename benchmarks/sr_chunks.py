@@ -144,7 +144,6 @@ def memory_body(res: dict[str, Any], command: str, line: str, dtype_name: str) -
                        fmt(r["peak_mib"], 0), fmt(r["wall_s"], 0)] for r in m["rows"]])
     sr_t = [r for r in m["rows"] if r["net"] == "SR_t"]
     sr_h = [r for r in m["rows"] if r["net"] == "SR_h"]
-    per_frame = max(r["peak_mib"] / r["frames"] for r in sr_t)
     return f"""`{command}`
 
 {line} One forward (no grad, {dtype_name}, batch 1, random weights), peak tensor memory during the call from the
