@@ -162,6 +162,35 @@ def demo_dt_unet() -> dict[str, Any]:
     return unet
 
 
+# ------------------------------------------------------------------------------------------------- paper configs
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base`` key by key (nested dicts merged, anything else replaced), as LightningCLI merges
+    a ``--config`` overlay given after the stage YAML."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+#: each child stage's parent (``init_from``): its U-Net is the parent's updated with the child's ``unet`` changes
+PARENTS = {"dt": "decoder", "interp": "dt", "sr_t": "sr_l"}
+
+
+def paper_init_args(name: str) -> dict[str, Any]:
+    """``model.init_args`` of ``experiments/<name>.yaml`` with ``experiments/paper/<name>.yaml`` over it, the U-Net
+    resolved through the ``init_from`` chain (D_t: D's U-Net + ``temporal``/``fps_cond``; ↑F: D_t's; SR_t: SR_l's +
+    ``temporal``): the network a paper-scale run of that stage trains."""
+    import yaml
+
+    def load(path: Path) -> dict[str, Any]:
+        return (yaml.safe_load(path.read_text()).get("model") or {}).get("init_args") or {}
+
+    args = deep_merge(load(EXPERIMENTS / f"{name}.yaml"), load(EXPERIMENTS / "paper" / f"{name}.yaml"))
+    if name in PARENTS:
+        args["unet"] = {**paper_init_args(PARENTS[name])["unet"], **(args.get("unet") or {})}
+    return args
+
+
 # ------------------------------------------------------------------------------------------------- output
 def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:
     """A markdown table; ``align`` is one char per column: ``l`` or ``r`` (default: first left, rest right)."""

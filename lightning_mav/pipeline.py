@@ -291,6 +291,8 @@ class MakeAVideoPipeline:
         output_fps: float | None = None,
         stop_after: str | None = None,
         frame_batch: int | None = None,
+        sr_t_chunk: int | None = None,
+        sr_t_overlap: int | None = None,
         progress: bool = True,
         on_stage_end: Callable[[str, Tensor], None] | None = None,
     ) -> Tensor:
@@ -308,6 +310,9 @@ class MakeAVideoPipeline:
             stop_after: last stage to run (``"D_t"``, ``"up_F"``, ``"SR_t"``; default all loaded ones).
             frame_batch: SR_h frames per network call (default: all at once on an accelerator, ``CPU_FRAME_BATCH``
                 on the CPU); the noise stays shared, so the frames do not depend on it.
+            sr_t_chunk, sr_t_overlap: SR_t's network calls on windows of ``sr_t_chunk`` frames overlapping by
+                ``sr_t_overlap``, cross-faded (bounds SR_t's memory; an approximation of the whole-clip call, see
+                :mod:`lightning_mav.stages.superres`); default: the SR_t checkpoint's ``frame_chunk`` (all frames).
             progress: a progress bar per stage.
             on_stage_end: called as ``on_stage_end(name, output)`` after each network: ``("P", y_e [B, D])``, then
                 ``("D_t" | "up_F" | "SR_t" | "SR_h", frames [B, 3, F, H, W])`` as that network returned them
@@ -347,7 +352,8 @@ class MakeAVideoPipeline:
                 rate *= skip
             if run("SR_t"):  # SR_t: all frames at once, temporal layers on
                 with stage_progress(self.SR_t.unet, "SR_t", n_steps("SR_t"), progress):
-                    video = self.SR_t.sample(video, steps=n_steps("SR_t"), generator=stage_generator(seed, "SR_t"))
+                    video = self.SR_t.sample(video, steps=n_steps("SR_t"), generator=stage_generator(seed, "SR_t"),
+                                             frame_chunk=sr_t_chunk, chunk_overlap=sr_t_overlap)
                 done("SR_t", video)
             if run("SR_h"):  # SR_h: frame by frame, the same noise for every frame
                 video = self.super_resolve_frames(video, steps=n_steps("SR_h"), seed=seed, frame_batch=frame_batch,

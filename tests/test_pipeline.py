@@ -197,3 +197,23 @@ def test_wrong_or_missing_checkpoints_are_one_line_errors(runs: Path, tmp_path: 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nope.ckpt" in err and "experiments/interp.yaml" in err
     assert "--interp none" in err
+
+
+def test_sr_t_frame_windows_from_the_pipeline_and_generate(runs: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    pipe = load(runs, sr_h=None)
+    frames_seen: list[int] = []
+    pipe.SR_t.unet.register_forward_pre_hook(lambda m, args: frames_seen.append(args[0].shape[2]))
+    whole = pipe("a blue square", num_frames=4, skip=3, steps=1, seed=0, progress=False)  # 10 frames
+    assert frames_seen == [10]
+    frames_seen.clear()
+    same = pipe("a blue square", num_frames=4, skip=3, steps=1, seed=0, sr_t_chunk=10, progress=False)
+    assert torch.equal(same, whole) and frames_seen == [10]  # a window as long as the clip: the same call
+    frames_seen.clear()
+    chunked = pipe("a blue square", num_frames=4, skip=3, steps=1, seed=0, sr_t_chunk=4, sr_t_overlap=1,
+                   progress=False)
+    assert frames_seen == [4, 4, 4] and chunked.shape == whole.shape  # windows at frames 0, 3, 6
+    with pytest.raises(SystemExit):  # checked before any checkpoint loads
+        main(["a red circle", "--runs", str(runs), "--sr-t-chunk", "4", "--sr-t-overlap", "4"])
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --sr-t-overlap must be below --sr-t-chunk (4), got 4"

@@ -11,7 +11,7 @@ from lightning_mav.checkpoints import CheckpointError
 from lightning_mav.nn.unet import is_temporal_name
 from lightning_mav.pipeline import load_stage
 from lightning_mav.stages.base import trainable_names
-from lightning_mav.stages.superres import SuperResStage, resize
+from lightning_mav.stages.superres import SuperResStage, resize, window_starts, windowed_frames
 from tests.helpers import TINY_UNET, fit_batches
 
 UNET = {**TINY_UNET, "norm_groups": 8}
@@ -193,3 +193,54 @@ def test_residual_diffuses_the_detail_over_bicubic(sr_l_ckpt: str, tmp_path: Pat
     # and so do Lightning's own loaders (load_from_checkpoint; resume calls the same on_load_checkpoint)
     legacy = SuperResStage.load_from_checkpoint(tmp_path / "legacy.ckpt")
     assert not legacy.residual and legacy.hparams.residual is False
+
+
+def test_windowed_frames_cross_fade_covers_every_frame_once() -> None:
+    x = torch.randn(2, 3, 11, 4, 4)
+    calls: list[tuple[int, int]] = []
+
+    def per_frame(v: torch.Tensor, start: int, stop: int) -> torch.Tensor:  # frame-local: windows cannot change it
+        calls.append((start, stop))
+        return v * 2 + 1
+
+    for window, overlap in ((4, 0), (4, 1), (5, 2), (6, 5), (11, 3), (20, 3)):
+        calls.clear()
+        out = windowed_frames(per_frame, x, window, overlap)
+        torch.testing.assert_close(out, x * 2 + 1, rtol=0, atol=1e-6)  # the blend weights sum to 1 on every frame
+        assert calls[0][0] == 0 and calls[-1][1] == 11 and all(b - a == min(window, 11) for a, b in calls)
+        assert all(prev[1] - nxt[0] >= overlap for prev, nxt in zip(calls, calls[1:]))
+    assert window_starts(11, 4, 1) == [0, 3, 6, 7] and window_starts(76, 16, 4) == [0, 12, 24, 36, 48, 60]
+    # a window's output reaches its neighbour's frames only through the linear cross-fade
+    index = torch.arange(8.0).view(1, 1, 8, 1, 1)
+    out = windowed_frames(lambda v, a, b: torch.full_like(v, float(a)), index, 5, 2)  # window 0 says 0, window 3 says 3
+    assert out.flatten().tolist() == pytest.approx([0, 0, 0, 1, 2, 3, 3, 3])
+    with pytest.raises(ValueError, match="chunk_overlap must be in"):
+        windowed_frames(per_frame, x, 4, 4)
+
+
+def test_sr_t_samples_in_overlapping_frame_windows(sr_l_ckpt: str) -> None:
+    stage = SuperResStage(unet={"temporal": True}, init_from=sr_l_ckpt, **SR).eval()
+    with torch.no_grad():  # temporal layers that are not the identity, so a window changes the result
+        for name, p in stage.unet.named_parameters():
+            if is_temporal_name(name):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    low = torch.rand(1, 3, 10, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    seen = unet_inputs(stage)
+    whole = stage.sample(low, generator=g(), steps=2)
+    assert [s["x"].shape[2] for s in seen] == [10, 10]
+    # a window as long as the clip is the unchunked call itself
+    assert torch.equal(stage.sample(low, generator=g(), steps=2, frame_chunk=10), whole)
+    assert torch.equal(stage.sample(low, generator=g(), steps=2, frame_chunk=32), whole)
+    seen.clear()
+    chunked = stage.sample(low, generator=g(), steps=2, frame_chunk=4, chunk_overlap=2)
+    assert [s["x"].shape[2] for s in seen] == [4] * 8  # 4 windows (starts 0, 2, 4, 6) per step, one state
+    assert torch.equal(seen[0]["lowres"][:, :, 2:], seen[1]["lowres"][:, :, :2])  # each window its own low-res frames
+    diff = (chunked - whole).abs()
+    assert 0 < diff.max() < 0.5 and diff.mean() < 0.05  # an approximation of the whole-clip call, not a new video
+    stage.frame_chunk, stage.chunk_overlap = 4, 2  # the stage's defaults are what sample() uses
+    assert torch.equal(stage.sample(low, generator=g(), steps=2), chunked)
+    with pytest.raises(ValueError, match="chunk_overlap must be below frame_chunk"):
+        stage.sample(low, steps=1, frame_chunk=4, chunk_overlap=4)
+    with pytest.raises(ValueError, match="frame_chunk must be a positive integer"):
+        SuperResStage(unet=UNET, frame_chunk=0, **SR)

@@ -15,6 +15,7 @@ from lightning_mav.commands.options import (
 )
 from lightning_mav.networks import BY_KEY, LOADED, OPTIONAL, SAMPLED, default_checkpoint, train_command
 from lightning_mav.pipeline import CPU_FRAME_BATCH, GenerationSettings, MakeAVideoPipeline, stop_index
+from lightning_mav.stages.superres import check_chunking
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-fps", type=float, default=None, help="frame rate written to the files")
     p.add_argument("--frame-batch", type=int, default=None,
                    help=f"SR_h frames per call (default: all on a GPU, {CPU_FRAME_BATCH} on the CPU)")
+    p.add_argument("--sr-t-chunk", type=int, default=None, metavar="W",
+                   help="SR_t's network calls on windows of W frames (bounds its memory; approximate: "
+                        "docs/scale-out.md); default: all frames at once")
+    p.add_argument("--sr-t-overlap", type=int, default=None, metavar="O",
+                   help="frames shared by consecutive SR_t windows, cross-faded (default 4)")
     add_device_arguments(p)
     p.add_argument("--no-gif", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -67,8 +73,10 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = build_parser().parse_args(argv)
     try:
         settings = dataclass_from_args(GenerationSettings, args)
+        if args.sr_t_chunk is not None or args.sr_t_overlap is not None:  # before any checkpoint is loaded
+            check_chunking(args.sr_t_chunk, 4 if args.sr_t_overlap is None else args.sr_t_overlap)
     except ValueError as e:
-        fail(str(e))
+        fail(str(e).replace("frame_chunk", "--sr-t-chunk").replace("chunk_overlap", "--sr-t-overlap"))
     paths = checkpoint_paths(args)
     try:
         pipe = MakeAVideoPipeline.from_checkpoints(
@@ -78,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     except CheckpointError as e:
         fail(str(e))
     frames = pipe(args.prompts, **vars(settings), seed=args.seed, output_fps=args.output_fps,
-                  frame_batch=args.frame_batch, progress=not args.no_progress)
+                  frame_batch=args.frame_batch, sr_t_chunk=args.sr_t_chunk, sr_t_overlap=args.sr_t_overlap,
+                  progress=not args.no_progress)
     written = pipe.save(frames, args.out, gif=not args.no_gif)
     for path in written:
         print(path)  # noqa: T201 - the command's output

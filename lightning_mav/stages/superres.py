@@ -18,6 +18,19 @@ image, the low-res made by downsampling the crop, so the 768-px network trains a
 with the *same* initial noise for every frame, which the pipeline passes as ``sample(..., noise=...)``.
 SR_t: ``unet.temporal=True``, ``init_from`` an SR_l checkpoint, video batches.
 
+Frame windows (SR_t at paper size: 76 frames at 256², sampling only): with ``frame_chunk = W`` below the clip's ``F``
+frames, every *network call* of the sampler runs on windows of ``W`` frames overlapping by ``chunk_overlap = O``
+(:func:`windowed_frames`) and the windows' outputs are cross-faded linearly over each overlap, so the activations,
+what bounds memory, scale with ``W`` instead of ``F``. The sampler itself keeps one state over all ``F`` frames
+(one scheduler, one ``x_t``): chunking the calls, not the whole sampling loop, keeps the windows' samples from
+drifting apart in their overlaps from step to step. It is an approximation: the temporal convolutions (kernel 3,
+stacked, so a receptive field of tens of frames) and the temporal attention (over all frames of a clip) see only
+the ``W`` frames of a window, so a chunked call differs from the unchunked one, most at the windows' edges; RoPE
+being relative, a window's frames attend to each other exactly as they would in the whole clip. ``W >= F`` (or
+None, the default) is the unchunked call itself, bit for bit. Measured differences: benchmarks/RESULTS.md
+("SR_t frame windows"). Images (SR_l, SR_h) are unaffected: SR_h bounds its memory by frames per call instead
+(``MakeAVideoPipeline(frame_batch=...)``).
+
 Karlo's imported SR_l (``mav import karlo``) is two networks of one architecture: ``unet`` for every sampling step
 but the last and ``unet_last`` (``last_step_unet: true``) for the final one, Karlo's "improved SR" split; its U-Net
 has no noise-level input (``unet.lowres_noise_cond: false``), so the low-res input is never noise-augmented.
@@ -37,6 +50,62 @@ from torch import Tensor
 from lightning_mav.diffusion import Diffusion, repeat_to_batch
 from lightning_mav.nn.unet import UNet
 from lightning_mav.stages.base import StageBase, resolve_pixel_diffusion
+
+
+def window_starts(num_frames: int, window: int, overlap: int) -> list[int]:
+    """First frame of each window of ``window`` frames, consecutive ones overlapping by ``overlap`` (the last one
+    ends at ``num_frames`` and may overlap its neighbour by more)."""
+    if window >= num_frames:
+        return [0]
+    stride = window - overlap
+    starts = list(range(0, num_frames - window, stride))
+    return starts + [num_frames - window]
+
+
+def windowed_frames(fn: Any, x: Tensor, window: int, overlap: int) -> Tensor:
+    """``fn`` on overlapping frame windows of a video, cross-faded: ``fn(x [B, C, F, H, W], start, stop) -> [B, C',
+    stop - start, H, W]`` (``fn`` slices its own conditioning) -> ``[B, C', F, H, W]``.
+
+    Each window's output is weighted per frame by a linear ramp ``1/(O+1), ..., O/(O+1)`` up over the ``O`` frames it
+    shares with the window before and down over those it shares with the next, 1 elsewhere; the sum is divided by
+    the summed weights (1 wherever two windows overlap by exactly ``O``). ``window >= F`` calls ``fn`` once on all
+    frames and returns its output untouched.
+    """
+    f = x.shape[2]
+    if window >= f:
+        return fn(x, 0, f)
+    if not 0 <= overlap < window:
+        raise ValueError(f"chunk_overlap must be in [0, frame_chunk - 1] = [0, {window - 1}], got {overlap}")
+    starts = window_starts(f, window, overlap)
+    ramp = torch.arange(1, overlap + 1, dtype=torch.float32) / (overlap + 1)
+    total = weights = dtype = None
+    for i, start in enumerate(starts):
+        out = fn(x[:, :, start:start + window], start, start + window)
+        w = torch.ones(window)
+        if i > 0 and overlap:
+            w[:overlap] = ramp
+        if i < len(starts) - 1 and overlap:
+            w[window - overlap:] = ramp.flip(0)
+        w = w.to(out.device).view(1, 1, window, 1, 1)
+        if total is None:
+            dtype = out.dtype
+            total = out.new_zeros(out.shape[:2] + (f,) + out.shape[3:], dtype=torch.float32)
+            weights = torch.zeros(f, device=out.device).view(1, 1, f, 1, 1)
+        total[:, :, start:start + window] += w * out.float()
+        weights[:, :, start:start + window] += w
+        del out  # one window's activations alive at a time
+    return (total / weights).to(dtype)
+
+
+def check_chunking(frame_chunk: int | None, chunk_overlap: int) -> None:
+    """One-line errors for bad ``frame_chunk`` / ``chunk_overlap`` (SuperResStage options and sample arguments)."""
+    if frame_chunk is not None and (isinstance(frame_chunk, bool) or not isinstance(frame_chunk, int)
+                                    or frame_chunk < 1):
+        raise ValueError(f"frame_chunk must be a positive integer or null, got {frame_chunk!r}")
+    if isinstance(chunk_overlap, bool) or not isinstance(chunk_overlap, int) or chunk_overlap < 0:
+        raise ValueError(f"chunk_overlap must be an integer >= 0, got {chunk_overlap!r}")
+    if frame_chunk is not None and chunk_overlap >= frame_chunk:
+        raise ValueError(f"chunk_overlap must be below frame_chunk ({frame_chunk}), got {chunk_overlap}")
 
 
 def resize(x: Tensor, size: int | tuple[int, int], mode: str = "bilinear") -> Tensor:
@@ -71,6 +140,9 @@ class SuperResStage(StageBase):
             from the saved hyperparameters once loaded (see :meth:`StageBase.init_network`).
         freeze_spatial: train only the new (temporal) parameters.
         sample_steps, sampler: defaults of :meth:`sample`.
+        frame_chunk, chunk_overlap: defaults of :meth:`sample` for videos (SR_t): each network call of the sampler
+            on windows of ``frame_chunk`` frames overlapping by ``chunk_overlap``, cross-faded (see the module
+            docstring: bounds memory, approximates the whole-clip call); None (the default): all frames at once.
         last_step_unet: a second U-Net of the same architecture, ``unet_last``, runs the final sampling step (at
             ``t = 0``; Karlo's SR). It is not trained by this stage (its loss trains ``unet``) and a child
             (``init_from``) starts from ``unet`` alone.
@@ -95,10 +167,13 @@ class SuperResStage(StageBase):
         sample_steps: int = 50,
         sampler: Literal["ddim", "ddpm", "dpm++", "unclip"] = "ddim",
         last_step_unet: bool = False,
+        frame_chunk: int | None = None,
+        chunk_overlap: int = 4,
         **options: Any,
     ) -> None:
         super().__init__(**options)
         self.save_hyperparameters()
+        check_chunking(frame_chunk, chunk_overlap)
         if highres_size % lowres_size:
             raise ValueError(f"highres_size {highres_size} must be a multiple of lowres_size {lowres_size}")
         self.factor = highres_size // lowres_size
@@ -117,6 +192,7 @@ class SuperResStage(StageBase):
         self.lowres_size, self.highres_size, self.crop_size = lowres_size, highres_size, crop_size
         self.lowres_noise_max, self.lowres_noise_sample = lowres_noise_max, lowres_noise_sample
         self.sample_steps, self.sampler = sample_steps, sampler
+        self.frame_chunk, self.chunk_overlap = frame_chunk, chunk_overlap
         self.init_network(self.unet, init_from)
         if freeze_spatial:
             self.freeze_except_new(self.unet)
@@ -145,17 +221,25 @@ class SuperResStage(StageBase):
         return resize(lowres, size, mode="bicubic").clamp(-1, 1) if self.residual else None
 
     # ------------------------------------------------------------------ training
-    def model_fn(self, lowres: Tensor, level: Tensor, time: bool = True, sampling: bool = False):
+    def model_fn(self, lowres: Tensor, level: Tensor, time: bool = True, sampling: bool = False,
+                 frame_chunk: int | None = None, chunk_overlap: int = 0):
         """``(x_t, t, drop_cond=None) -> output``: the U-Net with the (noised) low-res image bound.
 
         SR has no classifier-free guidance; ``drop_cond`` is accepted for the sampler's signature and ignored.
         ``sampling``: the final step (``t = 0``) goes to ``unet_last`` when the stage has one.
+        ``frame_chunk``: a video ``x_t [B, C, F, H, W]`` goes through the U-Net in windows of that many frames
+        overlapping by ``chunk_overlap``, cross-faded (:func:`windowed_frames`); None or ``>= F``: one call.
         """
         def fn(x_t: Tensor, t: Tensor, drop_cond: bool | Tensor | None = None) -> Tensor:
             b = x_t.shape[0]
             last = sampling and self.unet_last is not None and bool((t == 0).all())
-            return (self.unet_last if last else self.unet)(
-                x_t, t, lowres=repeat_to_batch(lowres, b), lowres_noise_level=repeat_to_batch(level, b), time=time)
+            unet = self.unet_last if last else self.unet
+            cond, lr_level = repeat_to_batch(lowres, b), repeat_to_batch(level, b)
+            if frame_chunk is None or x_t.dim() != 5 or frame_chunk >= x_t.shape[2]:
+                return unet(x_t, t, lowres=cond, lowres_noise_level=lr_level, time=time)
+            return windowed_frames(lambda x, start, stop: unet(x, t, lowres=cond[:, :, start:stop],
+                                                               lowres_noise_level=lr_level, time=time),
+                                   x_t, frame_chunk, chunk_overlap)
         return fn
 
     def augment(self, clean: Tensor, level: float | Tensor, *, noise: Tensor | None = None,
@@ -191,6 +275,8 @@ class SuperResStage(StageBase):
         noise_level: float | None = None,
         lowres_noise: Tensor | None = None,
         sampler: str | None = None,
+        frame_chunk: int | None = None,
+        chunk_overlap: int | None = None,
         progress: bool = False,
     ) -> Tensor:
         """Low-res ``[B, 3, h, w]`` / ``[B, 3, F, h, w]`` in [-1, 1] -> high-res with sides ``factor·h, factor·w``.
@@ -200,12 +286,18 @@ class SuperResStage(StageBase):
                 ``torch.randn(1, 3, H, W).expand(F, -1, -1, -1)`` for frames batched as images).
             noise_level: augmentation level of the low-res input (default ``lowres_noise_sample``).
             lowres_noise: the augmentation noise itself (shape of ``lowres``), e.g. also identical per frame.
+            frame_chunk, chunk_overlap: a video's network calls on overlapping frame windows (default: the stage's;
+                see the module docstring); ``frame_chunk >= F`` is the unchunked sample exactly.
         """
+        frame_chunk = self.frame_chunk if frame_chunk is None else frame_chunk
+        chunk_overlap = self.chunk_overlap if chunk_overlap is None else chunk_overlap
+        check_chunking(frame_chunk, chunk_overlap)
         clean = lowres.float().to(self.device)
         level = self.lowres_noise_sample if noise_level is None else noise_level
         lowres, level = self.augment(clean, level, noise=lowres_noise, generator=generator)
         shape = (*lowres.shape[:-2], lowres.shape[-2] * self.factor, lowres.shape[-1] * self.factor)
-        out = self.diffusion.sample(self.model_fn(lowres, level, sampling=True), shape,
+        model_fn = self.model_fn(lowres, level, sampling=True, frame_chunk=frame_chunk, chunk_overlap=chunk_overlap)
+        out = self.diffusion.sample(model_fn, shape,
                                     steps=steps or self.sample_steps,
                                     sampler=sampler or self.sampler, generator=generator, noise=noise,
                                     progress=progress, device=self.device)
