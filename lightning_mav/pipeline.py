@@ -39,8 +39,19 @@ from lightning_mav.stages.superres import SuperResStage
 
 PerStage = int | float | dict[str, int | float] | None
 #: SR_h frames per network call on the CPU: with the heap allocator the commands set (lightning_mav.malloc) 4 frames
-#: per call is as fast as all 76 at once and bounds memory (docs/choices.md#allocator-mav_malloc). GPUs take all.
+#: per call is as fast as all 76 at once and bounds memory (docs/choices.md#allocator-mav_malloc).
 CPU_FRAME_BATCH = 4
+#: SR_h output pixels per network call on an accelerator: 8 frames at 768² (one 768² frame of the paper-width SR_h
+#: peaks near 2.9 GiB in bf16, all 76 at once near 217 GiB: benchmarks/RESULTS.md, SR at paper size); every frame of
+#: the demo's small videos still goes in one call.
+GPU_FRAME_PIXELS = 8 * 768 * 768
+
+
+def sr_h_frame_batch(device: torch.device, height: int, width: int) -> int:
+    """SR_h's default frames per call on ``device`` for output frames of ``height x width``."""
+    if device.type == "cpu":
+        return CPU_FRAME_BATCH
+    return max(1, GPU_FRAME_PIXELS // (height * width))
 
 
 def stop_index(stop_after: str | None) -> int:
@@ -308,8 +319,9 @@ class MakeAVideoPipeline:
             seed: same seed, same video.
             output_fps: frame rate recorded for :meth:`save` (default: the frames' own rate).
             stop_after: last stage to run (``"D_t"``, ``"up_F"``, ``"SR_t"``; default all loaded ones).
-            frame_batch: SR_h frames per network call (default: all at once on an accelerator, ``CPU_FRAME_BATCH``
-                on the CPU); the noise stays shared, so the frames do not depend on it.
+            frame_batch: SR_h frames per network call (default :func:`sr_h_frame_batch`: ``CPU_FRAME_BATCH`` on the
+                CPU, ``GPU_FRAME_PIXELS`` worth of output frames on an accelerator); the noise stays shared, so the
+                frames do not depend on it.
             sr_t_chunk, sr_t_overlap: SR_t's network calls on windows of ``sr_t_chunk`` frames overlapping by
                 ``sr_t_overlap``, cross-faded (bounds SR_t's memory; an approximation of the whole-clip call, see
                 :mod:`lightning_mav.stages.superres`); default: the SR_t checkpoint's ``frame_chunk`` (all frames).
@@ -377,7 +389,7 @@ class MakeAVideoPipeline:
         lowres_noise = frame_shared_noise((b, c, f, h, w), generator=generator, device=self.device)
         frames, noise, lowres_noise = (rearrange(x, "b c f h w -> (b f) c h w") for x in (video, noise, lowres_noise))
         sampler = sr.sampler if sr.sampler in ("ddim", "dpm++") else "ddim"
-        chunk = frame_batch or (CPU_FRAME_BATCH if self.device.type == "cpu" else frames.shape[0])
+        chunk = frame_batch or sr_h_frame_batch(self.device, h * sr.factor, w * sr.factor)
         n_steps = steps or sr.sample_steps
         outs = []
         with stage_progress(sr.unet, "SR_h", n_steps * -(-frames.shape[0] // chunk), progress):

@@ -217,3 +217,15 @@ def test_sr_t_frame_windows_from_the_pipeline_and_generate(runs: Path, monkeypat
         main(["a red circle", "--runs", str(runs), "--sr-t-chunk", "4", "--sr-t-overlap", "4"])
     err = capsys.readouterr().err.strip()
     assert err == "error: --sr-t-overlap must be below --sr-t-chunk (4), got 4"
+
+
+def test_sr_h_frames_per_call_bound_the_pixels_on_an_accelerator() -> None:
+    """All 76 frames of a 768² SR_h in one GPU call would need ~217 GiB: 8 such frames per call; small videos go
+    in one call; the CPU keeps its 4."""
+    from lightning_mav.pipeline import CPU_FRAME_BATCH, sr_h_frame_batch
+
+    cuda = torch.device("cuda")
+    assert sr_h_frame_batch(cuda, 768, 768) == 8
+    assert sr_h_frame_batch(cuda, 128, 128) >= 76
+    assert sr_h_frame_batch(cuda, 4096, 4096) == 1
+    assert sr_h_frame_batch(torch.device("cpu"), 768, 768) == CPU_FRAME_BATCH

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-fps", type=float, default=None, help="frame rate written to the files")
     p.add_argument("--frame-batch", type=int, default=None,
-                   help=f"SR_h frames per call (default: all on a GPU, {CPU_FRAME_BATCH} on the CPU)")
+                   help=f"SR_h frames per call (default: {CPU_FRAME_BATCH} on the CPU; on a GPU as many as make "
+                        "8 frames of 768x768, e.g. all 76 of a small video)")
     p.add_argument("--sr-t-chunk", type=int, default=None, metavar="W",
                    help="SR_t's network calls on windows of W frames (bounds its memory; approximate: "
                         "docs/scale-out.md); default: all frames at once")
