@@ -284,12 +284,13 @@ PAPER_PARENT = {"dt": "decoder", "interp": "dt", "sr_t": "sr_l"}
 
 def paper_fit_args(stage: str, shapes_root: Path, *extra: str, clip_weights: Path | None = None) -> list[str]:
     """``fit`` of ``experiments/<stage>.yaml`` + ``experiments/paper/<stage>.yaml`` on the shapes fixture, shrunk to
-    a CPU by one set of overrides (docs/scale-out.md#the-paper-overlays-on-a-cpu): ``TINY``'s widths, 32 px, 4
+    a CPU by one set of overrides (docs/scale-out.md#checked-on-a-cpu): ``TINY``'s widths, 32 px, 4
     frames, batch 2, no loader workers, the fixture's train and val shards for the overlay's ``???`` URLs, and for P
     and D the open_clip weights file ``clip_weights`` as the ``mav-tiny`` architecture; then ``extra``. Everything
     else (bf16-mixed, learning rates, the paper's D_t settings) is the overlay's."""
     kind = "videos" if stage in VIDEO_STAGES else "images"
-    args = ["fit", "--config", str(EXPERIMENTS / f"{stage}.yaml"), "--config", str(EXPERIMENTS / "paper" / f"{stage}.yaml"),
+    args = ["fit", "--config", str(EXPERIMENTS / f"{stage}.yaml"),
+            "--config", str(EXPERIMENTS / "paper" / f"{stage}.yaml"),
             "--data.init_args.urls", str(shapes_root / kind / "train-*.tar"),
             "--data.init_args.val_urls", str(shapes_root / kind / "val-*.tar"),
             "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",

@@ -59,7 +59,8 @@ def _image_step_under_ddp(rank: int, world_size: int) -> dict[str, Any]:
             "temporal_moved": sum(not torch.equal(p, before[n]) for n, p in temporal.items()),
             "temporal_states": sum(p in optimizer.state for p in temporal.values()),
             "spatial_grads": sum(p.grad is not None for p in unet.spatial_parameters()),
-            "spatial_moved": sum(not torch.equal(p, before[n]) for n, p in unet.named_parameters() if n not in temporal),
+            "spatial_moved": sum(not torch.equal(p, before[n]) for n, p in unet.named_parameters()
+                                 if n not in temporal),
             "spatial": {n: p.detach().clone() for n, p in unet.named_parameters() if n not in temporal}}
 
 
