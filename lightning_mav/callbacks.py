@@ -20,8 +20,9 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.callbacks import EMAWeightAveraging as LightningEMA
 from pytorch_lightning.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn, TrainerStatus
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 
 from lightning_mav import media
@@ -64,9 +65,22 @@ class EMAWeightAveraging(LightningEMA):
         self._kwargs["multi_avg_fn"] = _ema_update(decay, warmup)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # Lightning's weight averaging keeps a whole copy of the module, which FSDP's sharded parameters cannot
+            # update ("sharded models do not work with weight averaging"): off, said once, instead of a crash
+            rank_zero_warn("EMAWeightAveraging is off under FSDP (Lightning's weight averaging does not support "
+                           "sharded models): validation, media and checkpoints use the training weights")
+            return
         super().setup(trainer, pl_module, stage)
         if self._average_model is not None:
             share_frozen_parameters(self._average_model.module, pl_module)
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return self._average_model is not None and super().should_update(step_idx, epoch_idx)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._average_model is not None:  # None: off under FSDP
+            super().on_train_end(trainer, pl_module)
 
 
 class ModelCheckpoint(LightningModelCheckpoint):
@@ -138,7 +152,7 @@ class MediaLogger(Callback):
     ``<log_dir>/media/`` (PNG for images, mp4 + PNG contact sheet for videos).
 
     Samples come from the EMA weights when an ``EMAWeightAveraging`` callback is present (its averaged copy of the
-    module), in eval mode, without gradients; the training weights are never touched.
+    module), in eval mode, without gradients; the training weights are never touched. None under FSDP (said once).
     """
 
     def __init__(self, every_n_steps: int = 500, fps: float = 8.0, on_train_end: bool = True) -> None:
@@ -146,6 +160,7 @@ class MediaLogger(Callback):
         self.fps = fps
         self.at_train_end = on_train_end
         self._last_step = -1
+        self._fsdp_said = False
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._maybe_log(trainer, pl_module)
@@ -174,6 +189,12 @@ class MediaLogger(Callback):
 
     @rank_zero_only
     def log_media(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # rank 0 alone cannot run a sharded model (its forward gathers the weights from every rank)
+            if not self._fsdp_said:
+                rank_zero_warn("MediaLogger: no samples under FSDP; sample from the checkpoint with `mav generate`")
+            self._fsdp_said = True
+            return
         module = self._sampling_module(trainer, pl_module)
         if not hasattr(module, "log_media"):
             return

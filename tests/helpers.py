@@ -5,6 +5,7 @@ wrap them live in conftest.py. Import as ``from tests.helpers import ...`` (also
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 import tempfile
@@ -20,6 +21,8 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
+from pytorch_lightning.strategies import FSDPStrategy
 from torch.utils.data import DataLoader
 
 if TYPE_CHECKING:
@@ -57,6 +60,27 @@ TINY_UNET_8 = {"dim": 8, "dim_mults": [1, 2], "num_res_blocks": 1, "attn_levels"
                "norm_groups": 4}
 TINY_UNET_8_NO_ATTN = {"dim": 8, "dim_mults": [1, 2], "num_res_blocks": 1, "attn_levels": [], "mid_attn": False,
                        "norm_groups": 4}
+
+VIDEO_DATA = ["--data.init_args.num_frames", "4", "--data.init_args.video_size", "32"]
+# What shrinks each stage YAML (and its paper overlay) to a few seconds on a CPU: `--model.init_args` / `--data.init_args`
+# overrides (the architecture of dt / interp / sr_t comes from the parent)
+TINY: dict[str, list[str]] = {
+    "clip": ["--model.init_args.model_cfg", json.dumps(TINY_CLIP_32)],
+    "prior": [*(a for k, v in TINY_PRIOR.items() for a in (f"--model.init_args.{k}", str(v))),
+              "--model.init_args.sample_steps", "2"],
+    "decoder": ["--model.init_args.unet", json.dumps(TINY_UNET_8), "--model.init_args.sample_steps", "2"],
+    "sr_l": ["--model.init_args.unet", json.dumps(TINY_UNET_8_NO_ATTN), "--model.init_args.lowres_size", "16",
+             "--model.init_args.highres_size", "32", "--data.init_args.image_size", "32",
+             "--model.init_args.sample_steps", "2"],
+    "sr_h": ["--model.init_args.unet", json.dumps(TINY_UNET_8_NO_ATTN), "--model.init_args.lowres_size", "8",
+             "--model.init_args.highres_size", "32", "--model.init_args.crop_size", "16",
+             "--data.init_args.image_size", "32", "--model.init_args.sample_steps", "2"],
+    "dt": ["--model.init_args.sample_steps", "2", *VIDEO_DATA],
+    "interp": ["--model.init_args.sample_steps", "2", "--model.init_args.num_frames", "4",
+               "--model.init_args.skips", "[2, 3]", *VIDEO_DATA],
+    "sr_t": ["--model.init_args.lowres_size", "16", "--model.init_args.highres_size", "32",
+             "--model.init_args.sample_steps", "2", *VIDEO_DATA],
+}
 
 SHAPE_CAPTIONS = [f"a {size} {color} {shape}" for size, color, shape in
                   zip(["small", "large"] * 4, ["red", "green", "blue", "yellow"] * 2,
@@ -209,12 +233,80 @@ def run_ddp(worker: Callable[..., Any], *args: Any, world_size: int = 2, start_m
     return results
 
 
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's ``FSDPStrategy`` on CPU processes (gloo), for tests only: Lightning refuses ``fsdp`` without a GPU
+    (its check tests the class exactly, so a subclass passes it) and passes FSDP ``device_id=None`` on a CPU, which
+    torch's FSDP refuses; torch's FSDP itself runs on gloo with ``device_id=cpu``. Everything else is Lightning's:
+    the stage's wrap policy and ignored CLIP, the sharded optimizer, the full-state-dict checkpoint."""
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
+                                        mixed_precision=self.mixed_precision_config,
+                                        sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"),
+                                        **self.kwargs)
+
+
 # ------------------------------------------------------------------------------------------------ CLI runs
 def cli_env(*front: Path) -> dict[str, str]:
     """The environment for a ``python -m lightning_mav`` subprocess: one OpenMP thread, PYTHONPATH = ``front``,
     then the current PYTHONPATH, then the repository."""
     path = [*map(str, front), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)), str(REPO)]
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path)}
+
+
+def every_n_steps_overlay(path: Path, n: int, *, keep: bool = False, media: int | None = None) -> Path:
+    """base.yaml's callbacks with periodic checkpoints and media every ``n`` steps (``media``: media every so many
+    steps instead, 0: none): a list can only be replaced whole, so it is copied from base.yaml (not restated here) and
+    changed. ``keep``: every periodic checkpoint stays, as ``step=<N>.ckpt`` beside ``last.ckpt``. Name it like the
+    stage (``sr_l.yaml``): the run folder is runs/<stem of the first --config>, so an overlay after it keeps it."""
+    callbacks = yaml.safe_load((EXPERIMENTS / "base.yaml").read_text())["trainer"]["callbacks"]
+    for cb in callbacks:
+        if cb["class_path"].endswith(".ModelCheckpoint"):
+            cb["init_args"]["every_n_train_steps"] = n
+        elif cb["class_path"].endswith(".MediaLogger"):
+            cb["init_args"]["every_n_steps"] = n if media is None else media
+            if media == 0:  # none at all, not even at the end
+                cb["init_args"]["on_train_end"] = False
+        if keep and cb["class_path"] == "lightning_mav.callbacks.ModelCheckpoint":
+            cb["init_args"].update(save_top_k=-1, filename="{step}")
+    path.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
+    return path
+
+
+# The paper overlays' stages: which read videos, which name a CLIP (P and D; D_t and ↑F inherit it through init_from),
+# which have a parent (init_from in the overlays), and which generate frames of `image_size`.
+PAPER_STAGES = ("prior", "decoder", "dt", "interp", "sr_l", "sr_t")
+VIDEO_STAGES = ("dt", "interp", "sr_t")
+PAPER_PARENT = {"dt": "decoder", "interp": "dt", "sr_t": "sr_l"}
+
+
+def paper_fit_args(stage: str, shapes_root: Path, *extra: str, clip_weights: Path | None = None) -> list[str]:
+    """``fit`` of ``experiments/<stage>.yaml`` + ``experiments/paper/<stage>.yaml`` on the shapes fixture, shrunk to
+    a CPU by one set of overrides (docs/scale-out.md#checked-on-a-cpu): ``TINY``'s widths, 32 px, 4
+    frames, batch 2, no loader workers, the fixture's train and val shards for the overlay's ``???`` URLs, and for P
+    and D the open_clip weights file ``clip_weights`` as the ``mav-tiny`` architecture; then ``extra``. Everything
+    else (bf16-mixed, learning rates, the paper's D_t settings) is the overlay's."""
+    kind = "videos" if stage in VIDEO_STAGES else "images"
+    args = ["fit", "--config", str(EXPERIMENTS / f"{stage}.yaml"),
+            "--config", str(EXPERIMENTS / "paper" / f"{stage}.yaml"),
+            "--data.init_args.urls", str(shapes_root / kind / "train-*.tar"),
+            "--data.init_args.val_urls", str(shapes_root / kind / "val-*.tar"),
+            "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+            "--data.init_args.shuffle_buffer", "8", "--trainer.enable_progress_bar", "false",
+            "--trainer.limit_val_batches", "1", "--trainer.enable_model_summary", "false", *TINY[stage]]
+    if kind == "videos":
+        args += ["--data.init_args.video_size", "32", "--data.init_args.fps_min", "4", "--data.init_args.fps_max", "24"]
+    else:
+        args += ["--data.init_args.image_size", "32"]
+    if stage in ("decoder", "dt", "interp"):
+        args += ["--model.init_args.image_size", "32"]
+    if stage in ("prior", "decoder"):
+        if clip_weights is None:
+            raise ValueError(f"paper_fit_args: the {stage} overlay asks for a CLIP (clip_weights)")
+        args += ["--model.init_args.clip_ckpt", str(clip_weights), "--model.init_args.clip_model", "mav-tiny"]
+    return [*args, *extra]
 
 
 def shard_with_a_corrupt_sample(shapes_root: Path, out: Path, shards: int = 1) -> Path:

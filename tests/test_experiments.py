@@ -8,7 +8,6 @@ YAMLs' CPU-demo sizes are shrunk to tiny networks with command-line overrides.
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections.abc import Iterator
@@ -21,39 +20,17 @@ import yaml
 
 from lightning_mav.commands import main
 from lightning_mav.trainer_cli import MAVCLI
-from tests.helpers import EXPERIMENTS, TINY_CLIP_32, TINY_PRIOR, TINY_UNET_8, TINY_UNET_8_NO_ATTN, single_thread
+from tests.helpers import EXPERIMENTS, TINY, paper_fit_args, save_open_clip_weights, single_thread
 
 STAGES = ("clip", "prior", "decoder", "sr_l", "sr_h", "dt", "interp", "sr_t")
 PARENT = {"dt": "decoder", "interp": "dt", "sr_t": "sr_l"}  # init_from in the stage YAMLs
 
-VIDEO_DATA = ["--data.init_args.num_frames", "4", "--data.init_args.video_size", "32"]
-# What shrinks each stage YAML to a few seconds on a CPU (the architecture of dt / interp / sr_t comes from the parent)
-TINY: dict[str, list[str]] = {
-    "clip": ["--model.init_args.model_cfg", json.dumps(TINY_CLIP_32)],
-    "prior": [*(a for k, v in TINY_PRIOR.items() for a in (f"--model.init_args.{k}", str(v))),
-              "--model.init_args.sample_steps", "2"],
-    "decoder": ["--model.init_args.unet", json.dumps(TINY_UNET_8), "--model.init_args.sample_steps", "2"],
-    "sr_l": ["--model.init_args.unet", json.dumps(TINY_UNET_8_NO_ATTN), "--model.init_args.lowres_size", "16",
-             "--model.init_args.highres_size", "32", "--data.init_args.image_size", "32",
-             "--model.init_args.sample_steps", "2"],
-    "sr_h": ["--model.init_args.unet", json.dumps(TINY_UNET_8_NO_ATTN), "--model.init_args.lowres_size", "8",
-             "--model.init_args.highres_size", "32", "--model.init_args.crop_size", "16",
-             "--data.init_args.image_size", "32", "--model.init_args.sample_steps", "2"],
-    "dt": ["--model.init_args.sample_steps", "2", *VIDEO_DATA],
-    "interp": ["--model.init_args.sample_steps", "2", "--model.init_args.num_frames", "4",
-               "--model.init_args.skips", "[2, 3]", *VIDEO_DATA],
-    "sr_t": ["--model.init_args.lowres_size", "16", "--model.init_args.highres_size", "32",
-             "--model.init_args.sample_steps", "2", *VIDEO_DATA],
-}
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def fit_args(stage: str, shapes_root: Path, *extra: str, overlay: bool = False) -> list[str]:
-    """``fit`` of a stage YAML (and, with ``overlay``, its paper overlay) shrunk by ``TINY``, then ``extra``."""
-    paper = ["--config", str(EXPERIMENTS / "paper" / f"{stage}.yaml")] if overlay else []
-    return ["fit", "--config", str(EXPERIMENTS / f"{stage}.yaml"), *paper, "--data.init_args.root", str(shapes_root),
+def fit_args(stage: str, shapes_root: Path, *extra: str) -> list[str]:
+    """``fit`` of a stage YAML shrunk by ``TINY``, then ``extra`` (paper overlays: ``tests.helpers.paper_fit_args``)."""
+    return ["fit", "--config", str(EXPERIMENTS / f"{stage}.yaml"), "--data.init_args.root", str(shapes_root),
             "--data.init_args.batch_size", "2", "--data.init_args.shuffle_buffer", "8",
             "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", *TINY[stage], *extra]
@@ -177,24 +154,17 @@ def test_paper_overlays_run_with_an_open_clip_weights_file(shapes_root: Path, tm
     file + its architecture: named once for P and once for D; D_t and ↑F inherit it through init_from."""
     from lightning_mav.nn.clip import CLIP
 
-    weights = tmp_path / "open_clip_pytorch_model.bin"
-    torch.save(CLIP("mav-tiny").model.state_dict(), weights)  # open_clip's file format: the bare model state dict
-    clip = ["--model.init_args.clip_ckpt", str(weights), "--model.init_args.clip_model", "mav-tiny"]
-    small = ["--trainer.precision", "32-true", "--data.init_args.num_workers", "0"]
-    images = ["--data.init_args.urls", str(shapes_root / "images" / "train-*.tar"), "--data.init_args.image_size", "32"]
-    videos = ["--data.init_args.urls", str(shapes_root / "videos" / "train-*.tar"), "--data.init_args.video_size", "32",
-              "--data.init_args.fps_min", "4", "--data.init_args.fps_max", "24"]
+    weights = save_open_clip_weights(tmp_path / "open_clip_pytorch_model.bin")  # open_clip's own file format
 
     def run(stage: str, *extra: str) -> Any:
-        return MAVCLI(args=fit_args(stage, shapes_root, *small, *extra, overlay=True))
+        return MAVCLI(args=paper_fit_args(stage, shapes_root, "--trainer.precision", "32-true", *extra,
+                                          clip_weights=weights))
 
     monkeypatch.chdir(tmp_path)
-    prior = run("prior", *clip, *images, "--trainer.fast_dev_run", "1")
-    decoder = run("decoder", *clip, *images, "--model.init_args.image_size", "32", "--trainer.max_steps", "1",
-                  "--trainer.val_check_interval", "1")
-    dt = run("dt", *videos, "--model.init_args.image_size", "32", "--trainer.max_steps", "1",
-             "--trainer.val_check_interval", "1")
-    interp = run("interp", *videos, "--model.init_args.image_size", "32", "--trainer.fast_dev_run", "1")
+    prior = run("prior", "--trainer.fast_dev_run", "1")
+    decoder = run("decoder", "--trainer.max_steps", "1", "--trainer.val_check_interval", "1")
+    dt = run("dt", "--trainer.max_steps", "1", "--trainer.val_check_interval", "1")
+    interp = run("interp", "--trainer.fast_dev_run", "1")
     expected = CLIP.from_checkpoint(weights, model_name="mav-tiny").state_dict()
     for name, cli in (("prior", prior), ("decoder", decoder), ("dt", dt), ("interp", interp)):
         assert cli.trainer.global_step == 1, name

@@ -17,28 +17,14 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 
 from lightning_mav.callbacks import AtomicCheckpointIO
 from lightning_mav.trainer_cli import MAVCLI
 from lightning_mav.stages.base import NonFiniteLossError
 from lightning_mav.stages.superres import SuperResStage
-from tests.helpers import EXPERIMENTS, TINY_UNET_8_NO_ATTN, cli_env, read_events
+from tests.helpers import EXPERIMENTS, TINY_UNET_8_NO_ATTN, cli_env, every_n_steps_overlay, read_events
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def every_n_steps_overlay(path: Path, n: int) -> Path:
-    """base.yaml's callbacks with periodic checkpoints (and media) every ``n`` steps: a list can only be replaced
-    whole, so it is copied from base.yaml (not restated here) and changed. Named like the stage (``sr_l.yaml``):
-    the run folder is runs/<stem of the last --config>."""
-    callbacks = yaml.safe_load((EXPERIMENTS / "base.yaml").read_text())["trainer"]["callbacks"]
-    for cb in callbacks:
-        if cb["class_path"].endswith((".ModelCheckpoint", ".MediaLogger")):
-            key = "every_n_train_steps" if cb["class_path"].endswith(".ModelCheckpoint") else "every_n_steps"
-            cb["init_args"][key] = n
-    path.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
-    return path
 
 
 def sr_args(shapes_root: Path, overlay: Path, *extra: str, max_steps: int = 8) -> list[str]:

@@ -45,6 +45,7 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
+from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 from pytorch_lightning.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
@@ -190,6 +191,60 @@ class StageBase(pl.LightningModule):
         """Samples (and references) for the media logger from a kept validation batch, values in [-1, 1]."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ distributed strategies
+    def unused_parameters_reason(self) -> str | None:
+        """Why some training steps leave trainable parameters without a gradient (None: every step uses every
+        trainable parameter). Under DDP such steps need ``find_unused_parameters=True``; see :meth:`setup`."""
+        return None
+
+    def setup(self, stage: str) -> None:
+        """Under FSDP, shard per block with the frozen CLIP left out (:meth:`_configure_fsdp`). Under DDP, turn on
+        ``find_unused_parameters`` exactly when :meth:`unused_parameters_reason` gives a reason
+        (one info line), unless the strategy was given the flag (``ddp_find_unused_parameters_false`` / ``_true``,
+        ``DDPStrategy(find_unused_parameters=...)``): a plain ``ddp`` (or ``auto`` on several devices) then just works.
+
+        Exact, where a graph touching every parameter (``+ 0 * p.sum()``) is not: DDP leaves the gradient of a
+        parameter no rank used at None, as a single process does, and AdamW skips such a parameter, whereas a zero
+        gradient would still decay its weights and its moments. Runs before the strategy wraps the model, on every
+        rank; the flag's cost (a graph traversal after each forward) is paid only by the stages that need it.
+        """
+        trainer = self._trainer
+        strategy = trainer.strategy if trainer is not None else None
+        if isinstance(strategy, FSDPStrategy):
+            self._configure_fsdp(strategy)
+        reason = self.unused_parameters_reason() if stage == "fit" and trainer is not None else None
+        if reason and isinstance(strategy, DDPStrategy):
+            # Lightning keeps DistributedDataParallel's keyword arguments here until it wraps the model (after this
+            # hook); it offers no public way for a module to ask for the flag
+            ddp_kwargs = strategy._ddp_kwargs
+            if "find_unused_parameters" not in ddp_kwargs:
+                ddp_kwargs["find_unused_parameters"] = True
+                rank_zero_info(f"DDP: find_unused_parameters=True: {reason}")
+
+    def _configure_fsdp(self, strategy: FSDPStrategy) -> None:
+        """What a plain ``fsdp`` leaves unset: each U-Net / prior ``Block`` its own FSDP unit (its parameters gathered
+        only while it runs) and the frozen CLIP kept out of sharding (``ignored_modules``: whole on every rank, never
+        in the optimizer or the checkpoint). Set on the strategy (``FSDPStrategy(auto_wrap_policy=...,
+        ignored_modules=...)``), the user's choice stays."""
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        from lightning_mav.nn.prior import Block as PriorBlock
+        from lightning_mav.nn.unet import Block as UNetBlock
+
+        kwargs = strategy.kwargs  # FullyShardedDataParallel's keyword arguments, read when it wraps the model
+        units = {type(m) for m in self.modules() if type(m) in (UNetBlock, PriorBlock)}
+        said = []
+        if units and "auto_wrap_policy" not in kwargs:
+            kwargs["auto_wrap_policy"] = ModuleWrapPolicy(units)
+            said.append(f"each of the {sum(type(m) in units for m in self.modules())} blocks an FSDP unit")
+        if self.clip is not None and not {"ignored_modules", "ignored_states"} & kwargs.keys():
+            kwargs["ignored_modules"] = [self.clip]
+            said.append("the frozen CLIP left whole (ignored_modules)")
+        if said:
+            rank_zero_info(f"FSDP: {', '.join(said)}")
+        # torch warns for every nn.ModuleList it wraps, though a Block implements forward (FSDP calls it whole)
+        warnings.filterwarnings("ignore", message="FSDP will not all-gather parameters for containers")
+
     # ------------------------------------------------------------------ steps and logging
     def on_fit_start(self) -> None:
         # The frozen CLIP stays in eval mode by design (nn/clip.py), so Lightning's "Found N module(s) in eval mode at
@@ -316,6 +371,13 @@ class StageBase(pl.LightningModule):
         # inside its step; under bf16-mixed nothing is scaled (no GradScaler), so the gradients are clipped as they
         # are, as in fp32 (Lightning-AI/pytorch-lightning#21435).
         plugin = self.trainer.precision_plugin
+        model = self.trainer.model
+        if isinstance(self.trainer.strategy, FSDPStrategy) and gradient_clip_val and (
+                gradient_clip_algorithm or "norm") == "norm" and hasattr(model, "clip_grad_norm_"):
+            # FSDP shards the gradients: only its root module knows their global norm (Lightning's FSDPPrecision
+            # refuses 'norm' and points here)
+            model.clip_grad_norm_(gradient_clip_val)
+            return
         if isinstance(plugin, MixedPrecision) and plugin.scaler is None:
             super(MixedPrecision, plugin).clip_gradients(optimizer, gradient_clip_val or 0.0,
                                                          GradClipAlgorithmType(gradient_clip_algorithm or "norm"))

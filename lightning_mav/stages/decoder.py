@@ -222,13 +222,24 @@ class DecoderStage(StageBase):
         frame = video[torch.arange(b, device=video.device), idx]  # [B, 3, H, W]
         image_embed = self.frame_embed(video, idx, batch)
         # joint image steps: one decision per step, seeded by the step so every DDP rank runs the same graph
-        # (image steps leave the temporal/fps parameters unused: DDP then needs find_unused_parameters=True)
+        # (image steps leave the temporal/fps parameters unused: see unused_parameters_reason)
         coin = torch.rand(1, generator=torch.Generator().manual_seed(int(self.global_step))).item()
         if self.training and coin < self.joint_image_prob:
             return frame, image_embed, None, False
         fps = batch.get("fps") if self.fps_cond else None
         fps = fps.float() if fps is not None else None
         return rearrange(video, "b f c h w -> b c f h w"), image_embed, fps, True
+
+    def unused_parameters_reason(self) -> str | None:
+        """D_t's joint image steps run the U-Net without its temporal layers and fps embedding: while those train
+        (``freeze_spatial: false`` or not), DDP must find them unused on such steps (:meth:`StageBase.setup`)."""
+        if self.joint_image_prob <= 0:
+            return None
+        unused = [n for n, p in self.unet.named_temporal_parameters() if p.requires_grad]
+        if not unused:
+            return None
+        return (f"the joint image steps (joint_image_prob={self.joint_image_prob}) leave the {len(unused)} temporal "
+                f"and fps parameters of D_t without gradients")
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
