@@ -23,6 +23,11 @@ from lightning_mav.nn.mixed_precision import native_bf16
 from lightning_mav.trainer_cli import EXPERIMENTS, MAVCLI
 
 
+DEMO_PROMPTS = 24  # every held-out prompt of the shapes data
+DEMO_VIDEOS_PER_PROMPT = 2
+DEMO_FPS_PAIR = 4  # prompts sampled by D_t at fps 4 and 24
+
+
 def _elapsed(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
@@ -57,11 +62,15 @@ def train_stage(stage: str, *, data: Path, runs: Path, max_steps: int | None = N
 
 
 def run_demo(*, data: Path = Path("data/shapes"), runs: Path = Path("runs"), force: bool = False,
-             quick: bool = False, num_prompts: int = 4, stages: Sequence[str] | None = None,
+             quick: bool = False, num_prompts: int = DEMO_PROMPTS, videos_per_prompt: int = DEMO_VIDEOS_PER_PROMPT,
+             fps_pair_prompts: int = DEMO_FPS_PAIR, stages: Sequence[str] | None = None,
              precision: str = "auto") -> Path:
     """Train every stage that is not done yet, then evaluate the chain and write ``runs/demo/report.md``.
 
     ``precision`` (see :func:`demo_precision`) also sets the sampling dtype of the evaluation (bf16 or fp32).
+    ``num_prompts`` x ``videos_per_prompt`` videos are scored (default 24 x 2: enough for the report's intervals to
+    tell changes apart, docs/choices.md#demo-report-24-prompts-x-2-videos) and ``fps_pair_prompts`` prompts sampled
+    by D_t at fps 4 and 24.
 
     ``runs`` must be the folder the stage YAMLs chain through (``runs/<parent>/checkpoints/last.ckpt``, relative to
     the working directory); it is a parameter for tests that run in a temporary working directory.
@@ -100,6 +109,7 @@ def run_demo(*, data: Path = Path("data/shapes"), runs: Path = Path("runs"), for
     out = runs / "demo"
     # few sampling steps after D_t: ↑F, SR_t and SR_h run on 76 frames, which dominates a CPU's evaluation time
     result = evaluate(EvalOptions(runs=str(runs), data=str(data), out=str(out), num_prompts=num_prompts, quick=quick,
+                                  videos_per_prompt=videos_per_prompt, fps_pair_prompts=fps_pair_prompts,
                                   steps=None if quick else {"P": 16, "D_t": 20, "*": 8}, eval_clips=8,
                                   dtype="bf16" if precision.startswith("bf16") else "fp32"))
     report = write_report(out, records, result, seconds=time.time() - t0)
@@ -113,6 +123,8 @@ _QUICK_DATA = dict(num_images=128, num_videos=16, num_val_images=32, num_val_vid
 
 def write_report(out: Path, records: list[dict], result: dict, *, seconds: float) -> Path:
     """``report.md``: what each stage trained, the metrics, and the videos per prompt."""
+    from lightning_mav.evaluation.report import fps_pair_section, metrics_table
+
     lines = ["# Make-A-Video on Moving Shapes", "",
              f"The whole chain, trained and evaluated on this machine in {_elapsed(seconds)} "
              "(stages trained earlier and skipped count as 0).", "", "## Stages", "",
@@ -122,12 +134,11 @@ def write_report(out: Path, records: list[dict], result: dict, *, seconds: float
         loss = r["metrics"].get("val/loss")
         lines.append(f"| {r['stage']} | {names.get(r['stage'], '')} | {r['steps']} | {_elapsed(r['seconds'])} | "
                      f"{r.get('precision', '32-true')} | " + (f"{loss:.4f}" if loss is not None else "–") + " |")
-    lines += ["", f"Videos sampled in {result['run'].get('dtype', 'float32')}.",
-              "", "## Metrics", "", "| metric | value | what it means |", "|---|---:|---|"]
-    for name, entry in result["metrics"].items():
-        value = entry["value"]
-        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-        lines.append(f"| {name} | {shown} | {entry.get('about', '')} |")
+    run = result["run"]
+    lines += ["", f"Videos sampled in {run.get('dtype', 'float32')}: {run.get('prompts')} held-out prompts x "
+              f"{run.get('videos_per_prompt', 1)} videos; 95% intervals in brackets (Wilson for rates, t for means).",
+              "", "## Metrics", "", *metrics_table(result["metrics"])]
+    lines += fps_pair_section(out, result)
     lines += ["", "## Videos", ""]
     for video in result["videos"]:
         files = " · ".join(f"[{Path(f).suffix[1:]}]({Path(f).relative_to(out)})" for f in video["files"])

@@ -20,7 +20,7 @@ def test_quick_demo_trains_the_chain_and_writes_the_report(tmp_path: Path, monke
     monkeypatch.setattr(sys, "argv", ["mav", "demo", "--quick"])  # as from the command line
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = run_demo(data=Path("data/shapes"), quick=True, num_prompts=1)
+        report = run_demo(data=Path("data/shapes"), quick=True, num_prompts=1, videos_per_prompt=1, fps_pair_prompts=1)
     # the stages' arguments are the demo's own: no LightningCLI warning about sys.argv per stage
     assert not [w for w in caught if "args parameter" in str(w.message)]
     for stage in (n.run for n in NETWORKS):
@@ -28,6 +28,8 @@ def test_quick_demo_trains_the_chain_and_writes_the_report(tmp_path: Path, monke
         assert (tmp_path / "runs" / stage / "DONE").is_file(), stage
     text = report.read_text()
     assert "## Metrics" in text and "shapes/color" in text and "coherence/D_t" in text
+    assert "objects/final/one_object" in text and "interp/blend_ghost_rate" in text and "sr/SR_h/sharpness" in text
+    assert "## fps conditioning" in text and len(list((tmp_path / "runs" / "demo" / "sheets").glob("fps-pair-*.png"))) == 1
     precision = demo_precision()  # auto: bf16-mixed on CPUs with bf16 instructions, else 32-true
     assert text.count(f"| {precision} |") == len(NETWORKS)  # every stage trained in it
     assert f"Videos sampled in {'bfloat16' if precision == 'bf16-mixed' else 'float32'}." in text
@@ -35,4 +37,5 @@ def test_quick_demo_trains_the_chain_and_writes_the_report(tmp_path: Path, monke
     frames, fps = read_video(mp4)
     assert frames.shape[0] == 76 and fps > 0
     # a second run skips every finished stage
-    assert run_demo(data=Path("data/shapes"), quick=True, num_prompts=1) == report
+    assert run_demo(data=Path("data/shapes"), quick=True, num_prompts=1, videos_per_prompt=1,
+                    fps_pair_prompts=1) == report

@@ -61,6 +61,9 @@ class EvalOptions(GenerationSettings):
     eval_clips: int = field(default=16, metadata={
         "help": "real clips / images per PSNR score and for the real motion reference"})
     fvd_videos: int = field(default=2048, metadata={"help": "real clips for FVD (at most)"})
+    fps_pair_prompts: int = field(default=0, metadata={
+        "help": "the fps check: D_t samples the first N prompts at fps 4 and 24 with the same noise (speeds, their "
+                "ratio, sheets side by side); 0: off"})
     quick: bool = field(default=False, metadata={
         "help": "2 sampling steps (unless --steps), at most 2 prompts, 2 clips per score (checks the plumbing)"})
     processes: int = field(default=1, metadata={

@@ -114,6 +114,7 @@ def score_interpolation(pipe: MakeAVideoPipeline, metrics: EvalMetrics, real: Re
                                     guidance_scale=float(per_stage(settings.guidance, "up_F", up_F.guidance_scale)),
                                     noise=noise.to(pipe.device), generator=stage_generator(seed, "up_F"))
         metrics.update_psnr("up_F", interpolation_psnr(pred.float().cpu(), target, k), len(target))
+        metrics.update_interpolation_objects(pred.float().cpu(), target, k)
 
 
 @torch.no_grad()
@@ -133,6 +134,7 @@ def score_super_resolution(stage: str, module: SuperResStage, pipe: MakeAVideoPi
             pred = module.sample(lowres, steps=int(per_stage(settings.steps, stage, module.sample_steps)),
                                  noise=noise, lowres_noise=lowres_noise, generator=stage_generator(seed, stage))
         metrics.update_psnr(stage, sr_psnr(pred.float().cpu(), target, lowres), len(target))
+        metrics.update_sr_edges(stage, pred.float().cpu(), target, lowres)
 
 
 def fvd_real_clips(real: RealData, settings: GenerationSettings, size: int) -> tuple[Iterator[Tensor], str]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from lightning_mav.evaluation.options import EvalOptions
 from lightning_mav.evaluation.protocols import PAPER_RESULTS
+from lightning_mav.metrics.intervals import format_interval
 
 
 def _ours(metric: str, options: EvalOptions) -> tuple[str, str]:
@@ -47,17 +48,34 @@ def paper_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def metrics_table(metrics: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown lines of the scores table: each value with its 95% interval where it has one (``0.44 [0.30,
+    0.58]``), and what it means."""
+    lines = ["| metric | value [95% interval] | what it means |", "|---|---:|---|"]
+    for name, entry in metrics.items():
+        lines.append(f"| {name} | {format_interval(entry['value'], entry.get('interval'))} | {entry.get('about', '')} |")
+    return lines
+
+
+def fps_pair_section(out: Path, result: dict[str, Any]) -> list[str]:
+    """The fps check's sheets (first row fps 4, second fps 24, same prompt and noise), when the run made them."""
+    if not result.get("fps_pair"):
+        return []
+    lines = ["", "## fps conditioning: the same prompt and noise at fps 4 (top) and fps 24 (bottom)", ""]
+    for pair in result["fps_pair"]:
+        lines += [f"**{pair['prompt']}** — speed {pair['speed_low']:.3f} vs {pair['speed_high']:.3f} of the side "
+                  "per frame", "", f"![{pair['prompt']}]({Path(pair['sheet']).relative_to(out)})", ""]
+    return lines
+
+
 def write_report(out: Path, result: dict[str, Any]) -> Path:
     """``out/report.md``: the comparison with the paper (when there is one), then every score."""
     lines = ["# Evaluation", "", f"{result['run']['prompts']} prompts x {result['run']['videos_per_prompt']} videos, "
              f"stages {' → '.join(result['run']['stages'])}, sampled in {result['run']['dtype']}.", ""]
     if result.get("paper"):
         lines += ["## Against the paper", "", paper_table(result["paper"]), ""]
-    lines += ["## Scores", "", "| metric | value | what it means |", "|---|---:|---|"]
-    for name, entry in result["metrics"].items():
-        value = entry["value"]
-        lines.append(f"| {name} | {value:.4f} | {entry['about']} |" if isinstance(value, float) else
-                     f"| {name} | {value} | {entry['about']} |")
+    lines += ["## Scores", "", *metrics_table(result["metrics"])]
+    lines += fps_pair_section(out, result)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from lightning_mav.evaluation.chain import Chain, load_chain
+from lightning_mav.evaluation.fps_pair import fps_pair
 from lightning_mav.evaluation.options import EvalOptions
 from lightning_mav.evaluation.prompts import load_prompts
 from lightning_mav.evaluation.protocols import msrvtt_captions, ucf101_prompts
@@ -154,6 +155,12 @@ def evaluate(options: EvalOptions | None = None, /, **overrides: Any) -> dict[st
     skipped = {**chain.missing, **score_real_data(chain, metrics, real, settings, seed=options.seed)}
     scores = metrics.results(skipped)
     seconds = {"generation": round(t1 - t0, 1), "scoring": round(time.perf_counter() - t1, 1)}
+    pair = None
+    if options.fps_pair_prompts > 0:
+        t2 = time.perf_counter()
+        pair = fps_pair(chain.pipe, prompts[:options.fps_pair_prompts], settings, out, seed=options.seed)
+        scores.update(pair["metrics"])
+        seconds["fps_pair"] = round(time.perf_counter() - t2, 1)
 
     ran = chain.pipe.stages_run(settings.stop_after)
     result = {"metrics": scores, "videos": videos, "run": {
@@ -164,6 +171,8 @@ def evaluate(options: EvalOptions | None = None, /, **overrides: Any) -> dict[st
         "scored_frames": {"shapes/*, coherence/D_t, coherence/D_per_frame": "D_t's output (and the ablation's)",
                           "coherence/up_F": "↑F's output (before SR)", "clipsim, fvd": f"the final output ({ran[-1]})"},
     }}
+    if pair is not None:
+        result["fps_pair"] = pair["sheets"]
     result["paper"] = paper_rows(options, scores, num_videos=len(files))
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")

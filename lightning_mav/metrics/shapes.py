@@ -409,7 +409,8 @@ def interpolation_psnr(pred: Tensor, target: Tensor, stride: int) -> dict[str, T
 
     Returns:
         ``{"psnr", "baseline_psnr", "gain"}``: mean PSNR (dB) over the held-out frames of ``pred`` and of
-        the linear blend of the two surrounding ground-truth keyframes, and their difference.
+        the linear blend of the two surrounding ground-truth keyframes, and their difference; ``gain_items``
+        ``[B]``: each clip's gain (for an interval over clips).
     """
     if pred.shape != target.shape or pred.ndim != 5:
         raise ValueError(
@@ -424,9 +425,10 @@ def interpolation_psnr(pred: Tensor, target: Tensor, stride: int) -> dict[str, T
     after = target[:, :, idx // stride * stride + stride]
     weight = ((idx % stride).float() / stride).view(1, 1, -1, 1, 1)
     blend = (1 - weight) * before + weight * after
-    ours = psnr(_frames(pred[:, :, idx]), _frames(target[:, :, idx])).mean()
-    baseline = psnr(_frames(blend), _frames(target[:, :, idx])).mean()
-    return {"psnr": ours, "baseline_psnr": baseline, "gain": ours - baseline}
+    ours = psnr(_frames(pred[:, :, idx]), _frames(target[:, :, idx])).view(len(pred), -1).mean(dim=1)
+    baseline = psnr(_frames(blend), _frames(target[:, :, idx])).view(len(pred), -1).mean(dim=1)
+    return {"psnr": ours.mean(), "baseline_psnr": baseline.mean(), "gain": (ours - baseline).mean(),
+            "gain_items": ours - baseline}
 
 
 def sr_psnr(pred: Tensor, target: Tensor, lowres: Tensor) -> dict[str, Tensor]:
@@ -438,14 +440,17 @@ def sr_psnr(pred: Tensor, target: Tensor, lowres: Tensor) -> dict[str, Tensor]:
 
     Returns:
         ``{"psnr", "baseline_psnr", "gain"}``: mean per-frame PSNR (dB) of ``pred`` and of bicubic
-        ``lowres`` against ``target``, and their difference.
+        ``lowres`` against ``target``, and their difference; ``gain_items`` ``[B]``: each image's / clip's gain.
     """
     if pred.shape != target.shape or lowres.ndim != target.ndim:
         raise ValueError(
             f"pred {tuple(pred.shape)} must equal target {tuple(target.shape)}, lowres {tuple(lowres.shape)} same rank"
         )
+    items = len(pred)
     if target.ndim == 5:
         pred, target, lowres = _frames(pred), _frames(target), _frames(lowres)
     bicubic = F.interpolate(lowres.float(), size=target.shape[-2:], mode="bicubic", align_corners=False)
-    ours, baseline = psnr(pred, target).mean(), psnr(bicubic.clamp(-1, 1), target).mean()
-    return {"psnr": ours, "baseline_psnr": baseline, "gain": ours - baseline}
+    ours = psnr(pred, target).view(items, -1).mean(dim=1)
+    baseline = psnr(bicubic.clamp(-1, 1), target).view(items, -1).mean(dim=1)
+    return {"psnr": ours.mean(), "baseline_psnr": baseline.mean(), "gain": (ours - baseline).mean(),
+            "gain_items": ours - baseline}
