@@ -41,7 +41,7 @@ import re
 import tempfile
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -148,6 +148,7 @@ def fake_tensors() -> Iterator[FakeTensorMode]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(base, "load_checkpoint", _checkpoint_hparams_only))
         stack.enter_context(mock.patch.object(base, "init_from", _no_weights))
+        stack.enter_context(mock.patch.object(base, "rank_zero_info", lambda *a, **k: None))  # "init_from … loaded"
         stack.enter_context(mock.patch.object(base.StageBase, "load_clip", _clip_from_config))
         for module in (mixed_precision, clip_stage):
             stack.enter_context(mock.patch.object(module, "cpu_autocast", lambda device: False))
@@ -294,22 +295,30 @@ class Timeline:
     base: list[int]  # ± bytes at batch 2
     slope: list[int]  # ± bytes per extra sample
     grads: set[int]
+    extended: str = "allocation by allocation"
 
     @classmethod
-    def align(cls, two: LiveTensorBytes, three: LiveTensorBytes, grads: set[int]) -> "Timeline":
+    def align(cls, two: LiveTensorBytes, three: LiveTensorBytes, grads: set[int], grads3: set[int]) -> "Timeline":
         """From the same step at batch 2 and 3; storages match by allocation order (frees that happen together,
         when autograd releases a node's saved tensors, may come in another order)."""
         size2 = {i: abs(n) for i, n in reversed(two.events)}  # each storage: allocated, maybe freed
         size3 = {i: abs(n) for i, n in reversed(three.events)}
         if size2.keys() != size3.keys() or len(two.events) != len(three.events):
-            raise ValueError("model: the training step runs different ops at batch 2 and 3; a plan cannot "
-                             "extend its memory to other batch sizes")
+            return cls.linear(two, three, grads, grads3)
         ids, seen, sign = [i for i, _ in two.events], set(), []
         for i in ids:
             sign.append(-1 if i in seen else 1)
             seen.add(i)
         return cls(ids, [s * size2[i] for i, s in zip(ids, sign)],
                    [s * (size3[i] - size2[i]) for i, s in zip(ids, sign)], grads)
+
+    @classmethod
+    def linear(cls, two: LiveTensorBytes, three: LiveTensorBytes, grads: set[int], grads3: set[int]) -> "Timeline":
+        """When the step's ops depend on the batch (a Python loop over the samples: SR_h's random crops): the peaks
+        at batch 2 and 3, with and without the gradients, extended linearly (a three-event timeline)."""
+        p2, p3 = two.peak(), three.peak()
+        a2, a3 = two.peak(without=grads), three.peak(without=grads3)
+        return cls([0, 0, 1], [a2, -a2, p2], [a3 - a2, a2 - a3, p3 - p2], {1}, extended="linearly from the peaks")
 
     def peak(self, batch: float, gradients: bool = True) -> float:
         """Peak live bytes of the step at ``batch`` (without the gradients' storages if not ``gradients``)."""
@@ -411,8 +420,8 @@ def _training_step(stage: Any, data: dict[str, Any], batch: int, precision: Any,
 
 def step_cost(stage: Any, data: dict[str, Any], precision: Any, batch: int) -> StepCost:
     """:class:`StepCost`: FLOPs counted at ``batch``, memory from the same step at batch 2 and 3."""
-    (t2, grads), (t3, _) = (measure_step(stage, data, b, precision) for b in (2, 3))
-    return StepCost(count_flops(stage, data, batch, precision), batch, Timeline.align(t2, t3, grads))
+    (t2, grads), (t3, grads3) = (measure_step(stage, data, b, precision) for b in (2, 3))
+    return StepCost(count_flops(stage, data, batch, precision), batch, Timeline.align(t2, t3, grads, grads3))
 
 
 def _bytes(tensors: Iterator[Tensor]) -> int:
@@ -504,7 +513,7 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON: the measured quantities, and the derived ones for the configured batch, the cards and strategies."""
-        out = {k: v for k, v in asdict(self).items() if k != "cost"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cost"}
         derived: dict[str, Any] = {}
         for setting in self.cost:
             derived[setting] = {
@@ -551,7 +560,7 @@ class Plan:
         rows.append(["EMA copy"] + [gib(self.ema / share[st]) for _, st in cols])
         rows.append(["DDP buckets / FSDP gathered unit"]
                     + [gib(self.grads if st == "ddp" else 2 * self.unit) for _, st in cols])
-        rows.append([f"activations at batch {b}"]
+        rows.append([f"activations at batch {b} (DDP: step peak − gradients)"]
                     + [gib(self.cost[s].peak(b) - self.grads if st == "ddp" else self.cost[s].activations(b))
                        for s, st in cols])
         rows.append([f"**total at batch {b}**"] + [f"**{gib(self.memory(b, s, st))}**" for s, st in cols])
@@ -559,12 +568,16 @@ class Plan:
                     + [str(self.max_batch(s, st)) for s, st in cols])
         lines += _table(["per GPU, GiB"] + head, rows) + [""]
         time_rows = [[g, f"{self.mfu:.0%}"] + [f"{self.step_seconds(g, s):.3g} s" for s in settings]
-                     + [f"{self.days(g, s):,.1f}" for s in settings] for g in gpus]
+                     + [_days(self.days(g, s)) for s in settings] for g in gpus]
         lines += _table(["GPU", "MFU"] + [f"step, {label[s]}" for s in settings]
                         + [f"days to {self.max_steps:,} steps, {label[s]}" for s in settings], time_rows)
         if self.notes:
             lines += [""] + [f"- {note}" for note in self.notes]
         return "\n".join(lines) + "\n"
+
+
+def _days(days: float) -> str:
+    return f"{days:,.1f}" if days >= 10 else f"{days:.2g}"
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -634,6 +647,9 @@ def make_plan(args: Sequence[str], *, gpus: int = 8, mfu: float = 0.4, headroom:
             params_trainable=sum(p.numel() for p in trainable), params_frozen=sum(p.numel() for p in frozen),
             weights=_bytes(stage.parameters()) + _bytes(stage.buffers()), grads=grads, adamw=2 * grads,
             ema=grads if ema else 0, unit=largest_unit(stage), checkpointing=configured, cost=cost, notes=notes)
+    if any(c.timeline.extended != "allocation by allocation" for c in cost.values()):
+        plan.notes.append("the step runs a different number of ops at batch 2 and 3 (a loop over the samples): its "
+                          "memory is extended linearly from the peaks at batch 2 and 3")
     if plan.max_steps <= 0:
         _fail("trainer.max_steps: a plan needs the number of steps (a positive max_steps)")
     if "video" in synthetic_batch(data, 1) and getattr(stage, "joint_image_prob", 0.0):

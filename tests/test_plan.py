@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks.common import MiB, peak_allocated_mib
-from lightning_mav.plan import GPU_MEMORY, Plan, make_plan, synthetic_batch
+from lightning_mav.plan import GPU_MEMORY, Plan, Timeline, make_plan, measure_step, synthetic_batch
 from lightning_mav.trainer_cli import MAVCLI
 from tests.helpers import EXPERIMENTS, REPO, cli_env, cpu_trainer
 
@@ -140,3 +140,19 @@ def test_the_command_prints_markdown_and_json() -> None:
 
 
 GiB = 1024 ** 3
+
+
+def test_sr_h_crops_and_the_linear_fallback_stay_within_20_percent() -> None:
+    """SR_h crops every sample in a Python loop; a step whose allocations differ between batch 2 and 3 falls back to
+    the peaks at batch 2 and 3 extended linearly (Timeline.linear): both within 20% of real steps."""
+    args = ["--config", str(EXPERIMENTS / "sr_h.yaml")]
+    plan = make_plan(args)
+    real = measured_peak(args, 6, checkpointing=False)
+    assert abs(plan.estimate(6, "plain") - real) / real < 0.2, (plan.estimate(6, "plain") / MiB, real / MiB)
+    stage, data = real_stage(args)
+    (t2, g2), (t3, g3) = (measure_step(stage, data, b, "32-true") for b in (2, 3))
+    linear = Timeline.linear(t2, t3, g2, g3)
+    assert linear.peak(2) == t2.peak() and linear.peak(3) == t3.peak()
+    assert linear.peak(3, gradients=False) == t3.peak(without=g3)
+    weights_and_adam = plan.weights + plan.adamw
+    assert abs(weights_and_adam + linear.peak(6) - real) / real < 0.2
