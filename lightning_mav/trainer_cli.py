@@ -148,9 +148,11 @@ class MAVCLI(LightningCLI):
                 subclass_mode_model=True,
                 subclass_mode_data=True,
                 parser_class=_Parser,
-                # per subcommand: defaults given to the root parser would be read "before subcommand" and refused
+                # per subcommand: defaults given to the root parser would be read "before subcommand" and refused;
+                # without one (run=False: the classes are built, nothing runs) the root parser is the only parser
                 parser_kwargs={sub: {"default_config_files": defaults, "parser_mode": "omegaconf"}
-                               for sub in TRAINER_COMMANDS},
+                               for sub in TRAINER_COMMANDS} if run else
+                {"default_config_files": defaults, "parser_mode": "omegaconf"},
                 save_config_kwargs={"overwrite": True},
                 args=args,
                 run=run,

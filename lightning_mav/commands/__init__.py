@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "generate for held-out prompts and score them: metrics.json, TensorBoard, videos"),
     "data": ("data", "write the Moving Shapes shards (images with captions, unlabeled videos, eval prompts)"),
     "embed": ("embed", "precompute the frozen CLIP's embeddings of shards: mav embed --clip FILE --urls S --out DIR"),
+    "plan": ("plan", "memory, FLOPs and days of a stage before renting GPUs: mav plan --config <stage>.yaml "
+                     "[--config overlay]"),
     "import": ("imports", "pretrained networks as runs: mav import karlo SRC --runs RUNS [--clip FILE] (P, D, SR_l)"),
 }
 assert set(TRAINER_COMMANDS) <= set(COMMANDS)
