@@ -200,6 +200,12 @@ def test_the_video_stages_train_on_the_import_and_generate(karlo: dict[str, Path
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 5 and frames[0].shape[:2] == (64, 64)  # 3 frames -> 5 by ↑F, 16 px -> 64 px by SR_t
 
+    main(["evaluate", "--runs", str(runs), "--data", str(shapes_root), "--out", str(tmp_path / "eval"),
+          "--num-prompts", "2", "--num-frames", "3", "--skip", "2", "--steps", "2", "--eval-clips", "2", "--quick",
+          "--stats-cache", "none", "--dtype", "fp32", "--device", "cpu", "--no-progress"])
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics  # the imported chain scores like a trained one
+
 
 # ------------------------------------------------------------------------------------------------ bad input
 def import_error(capsys: pytest.CaptureFixture[str], src: Path, runs: Path, *extra: str) -> str:
