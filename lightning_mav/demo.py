@@ -128,7 +128,10 @@ def write_report(out: Path, records: list[dict], result: dict, *, seconds: float
         value = entry["value"]
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         lines.append(f"| {name} | {shown} | {entry.get('about', '')} |")
-    lines += ["", "## Videos", ""]
+    from lightning_mav.evaluation.extension import extension_section
+
+    lines += ["", *extension_section(result, out)]  # ↑F extending a real clip, when the run scored it
+    lines += ["## Videos", ""]
     for video in result["videos"]:
         files = " · ".join(f"[{Path(f).suffix[1:]}]({Path(f).relative_to(out)})" for f in video["files"])
         lines += [f"**{video['prompt']}** — {files}", "",

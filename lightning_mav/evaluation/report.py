@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lightning_mav.evaluation.extension import extension_section
 from lightning_mav.evaluation.options import EvalOptions
 from lightning_mav.evaluation.protocols import PAPER_RESULTS
 
@@ -58,6 +59,9 @@ def write_report(out: Path, result: dict[str, Any]) -> Path:
         value = entry["value"]
         lines.append(f"| {name} | {value:.4f} | {entry['about']} |" if isinstance(value, float) else
                      f"| {name} | {value} | {entry['about']} |")
+    extension = extension_section(result, out)  # ↑F extending a real clip, when the run scored it
+    if extension:
+        lines += ["", *extension]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
