@@ -123,6 +123,7 @@ _QUICK_DATA = dict(num_images=128, num_videos=16, num_val_images=32, num_val_vid
 
 def write_report(out: Path, records: list[dict], result: dict, *, seconds: float) -> Path:
     """``report.md``: what each stage trained, the metrics, and the videos per prompt."""
+    from lightning_mav.evaluation.extension import extension_section
     from lightning_mav.evaluation.report import fps_pair_section, metrics_table
 
     lines = ["# Make-A-Video on Moving Shapes", "",
@@ -139,6 +140,9 @@ def write_report(out: Path, records: list[dict], result: dict, *, seconds: float
               f"{run.get('videos_per_prompt', 1)} videos; 95% intervals in brackets (Wilson for rates, t for means).",
               "", "## Metrics", "", *metrics_table(result["metrics"])]
     lines += fps_pair_section(out, result)
+    extension = extension_section(result, out)  # ↑F extending a real clip, when the run scored it
+    if extension:
+        lines += ["", *extension]
     lines += ["", "## Videos", ""]
     for video in result["videos"]:
         files = " · ".join(f"[{Path(f).suffix[1:]}]({Path(f).relative_to(out)})" for f in video["files"])

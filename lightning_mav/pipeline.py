@@ -38,6 +38,8 @@ from lightning_mav.stages.prior import PriorStage
 from lightning_mav.stages.superres import SuperResStage
 
 PerStage = int | float | dict[str, int | float] | None
+#: where ``extend`` adds frames: after the end, before the start, or on both sides
+EXTEND_DIRECTIONS = ("forward", "backward", "both")
 #: SR_h frames per network call on the CPU: with the heap allocator the commands set (lightning_mav.malloc) 4 frames
 #: per call is as fast as all 76 at once and bounds memory (docs/choices.md#allocator-mav_malloc).
 CPU_FRAME_BATCH = 4
@@ -80,11 +82,37 @@ class GenerationSettings:
         "help": "classifier-free guidance scale of P, D_t, up_F: G, or STAGE=G,..."})
     stop_after: str | None = field(default=None, metadata={
         "help": "last network to run", "choices": ("D_t", "up_F", "SR_t", "SR_h", "dt", "interp", "sr_t", "sr_h")})
+    extend: int = field(default=0, metadata={
+        "help": "↑F extrapolates K more frames at the output frame rate after interpolating (before SR_t / SR_h); "
+                "needs ↑F"})
+    extend_direction: str = field(default="forward", metadata={
+        "help": "where --extend adds its frames: after the end, before the start, or both (K on each side)",
+        "choices": EXTEND_DIRECTIONS})
 
     def __post_init__(self) -> None:
         if self.num_frames < 3:
             raise ValueError(f"num_frames must be >= 3 (temporal coherence needs 3 frames), got {self.num_frames}")
-        stop_index(self.stop_after)  # an unknown stage fails here, not after the checkpoints are loaded
+        last = stop_index(self.stop_after)  # an unknown stage fails here, not after the checkpoints are loaded
+        if self.extend < 0:
+            raise ValueError(f"extend: frames to add must be >= 0, got {self.extend}")
+        if self.extend_direction not in EXTEND_DIRECTIONS:
+            raise ValueError(f"extend_direction: expected one of {', '.join(EXTEND_DIRECTIONS)}, "
+                             f"got {self.extend_direction!r}")
+        if self.extend and last < SAMPLED.index("up_F"):
+            raise ValueError(f"extend: ↑F extends the video, but stop_after {self.stop_after!r} ends the chain "
+                             "before it")
+
+
+def extend_both_ways(up_F: InterpolationStage, video: Tensor, n: int, direction: str,
+                     **kwargs: Any) -> Tensor:
+    """↑F's :meth:`~InterpolationStage.extend` of ``video [B, 3, F, H, W]`` by ``n`` frames ``"forward"``,
+    ``"backward"``, or ``"both"`` (``n`` after, then ``n`` before: ``[B, 3, F + 2n, H, W]``); ``kwargs`` go to
+    ``extend`` (``image_embed``, ``fps``, ``steps``, ``generator``, ...)."""
+    if n <= 0:
+        return video
+    for way in (("forward", "backward") if direction == "both" else (direction,)):
+        video = up_F.extend(video, n, way, **kwargs)
+    return video
 
 
 def frame_shared_noise(shape: Sequence[int], *, generator: torch.Generator | None = None,
@@ -112,8 +140,9 @@ def per_stage(value: PerStage, stage: str, default: Any) -> Any:
 
 
 @contextmanager
-def stage_progress(network: nn.Module, desc: str, total: int, enabled: bool = True) -> Iterator[None]:
-    """A tqdm bar for one stage, ticked by every forward call of its ``network`` (one call per sampling step)."""
+def stage_progress(network: nn.Module, desc: str, total: int | None, enabled: bool = True) -> Iterator[None]:
+    """A tqdm bar for one stage, ticked by every forward call of its ``network`` (one call per sampling step;
+    ``total`` None: a count without a total)."""
     if not enabled:
         yield
         return
@@ -301,6 +330,8 @@ class MakeAVideoPipeline:
         seed: int = 0,
         output_fps: float | None = None,
         stop_after: str | None = None,
+        extend: int = 0,
+        extend_direction: str = "forward",
         frame_batch: int | None = None,
         sr_t_chunk: int | None = None,
         sr_t_overlap: int | None = None,
@@ -319,6 +350,11 @@ class MakeAVideoPipeline:
             seed: same seed, same video.
             output_fps: frame rate recorded for :meth:`save` (default: the frames' own rate).
             stop_after: last stage to run (``"D_t"``, ``"up_F"``, ``"SR_t"``; default all loaded ones).
+            extend: after interpolating, ↑F extrapolates this many more frames at the output rate ``fps · skip``
+                (:meth:`InterpolationStage.extend`, from a generator of its own, so the interpolated frames are those
+                of a call without ``extend``); SR_t and SR_h then run on the longer video. Needs ↑F.
+            extend_direction: ``"forward"`` (after the end), ``"backward"`` (before the start) or ``"both"``
+                (``extend`` frames on each side).
             frame_batch: SR_h frames per network call (default :func:`sr_h_frame_batch`: ``CPU_FRAME_BATCH`` on the
                 CPU, ``GPU_FRAME_PIXELS`` worth of output frames on an accelerator); the noise stays shared, so the
                 frames do not depend on it.
@@ -332,6 +368,12 @@ class MakeAVideoPipeline:
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ran = self.stages_run(stop_after)
+        if extend and "up_F" not in ran:
+            raise ValueError(f"extend: ↑F extends the video, but this run has no ↑F (no checkpoint loaded, or "
+                             f"stop_after {stop_after!r}): give --interp CKPT")
+        if extend_direction not in EXTEND_DIRECTIONS:
+            raise ValueError(f"extend_direction: expected one of {', '.join(EXTEND_DIRECTIONS)}, "
+                             f"got {extend_direction!r}")
         done = on_stage_end or (lambda name, output: None)
 
         def run(stage: str) -> bool:
@@ -360,8 +402,13 @@ class MakeAVideoPipeline:
                     video = self.up_F.interpolate(video, skip, image_embed=y_e, fps=fps, steps=n_steps("up_F"),
                                                   guidance_scale=scale("up_F"),
                                                   generator=stage_generator(seed, "up_F"))
-                done("up_F", video)
                 rate *= skip
+                if extend:  # ↑F's extrapolation at the output rate; the frames ↑F made so far stay as they are
+                    with stage_progress(self.up_F.unet, "↑F extend", None, progress):
+                        video = extend_both_ways(self.up_F, video, extend, extend_direction, image_embed=y_e,
+                                                 fps=rate, steps=n_steps("up_F"), guidance_scale=scale("up_F"),
+                                                 generator=stage_generator(seed, "up_F/extend"))
+                done("up_F", video)
             if run("SR_t"):  # SR_t: all frames at once, temporal layers on
                 with stage_progress(self.SR_t.unet, "SR_t", n_steps("SR_t"), progress):
                     video = self.SR_t.sample(video, steps=n_steps("SR_t"), generator=stage_generator(seed, "SR_t"),

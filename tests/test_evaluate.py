@@ -37,6 +37,8 @@ EXPECTED = {
     "coherence/real", "motion/D_t/speed", "motion/real/speed", "motion/speed_ratio",
     "clipsim/suite_clip", "fvd", "is", "interp/psnr", "interp/linear_blend_psnr", "interp/gain",
     *(f"sr/{s}/{m}" for s in ("SR_l", "SR_t", "SR_h") for m in ("psnr", "bicubic_psnr", "gain")),
+    *(f"extend/{m}" for m in ("centroid_error_px", "constant_velocity_px", "gain_px", "detected", "psnr",
+                              "hold_last_psnr")),
 }
 
 
@@ -167,6 +169,31 @@ def test_real_data_scores_do_not_depend_on_batching(runs: Path, shapes_root: Pat
     assert scores[0] == pytest.approx(scores[1], rel=1e-5)
 
 
+def test_extension_scores_do_not_depend_on_batching(runs: Path, shapes_root: Path) -> None:
+    """↑F extending real clips: one window (each clip's noise from its key) or several (a generator per key)."""
+    from lightning_mav.evaluation.real_data import extension_lengths, score_extension
+
+    chain = ev.load_chain(runs, device="cpu", dtype="fp32")
+    assert extension_lengths(chain.pipe.up_F.num_frames) == (5, 6)  # 11-frame window: half known, the rest new
+    for extend in (0, 8):  # 8 > 6: two windows
+        settings = GenerationSettings(num_frames=4, steps=1, extend=extend)
+        scores, examples = [], []
+        for batch_size in (1, 3):
+            metrics = ev.EvalMetrics(chain.pipe.C_x)
+            real = RealData(videos=str(shapes_root / "videos" / "val-*.tar"),
+                            images=str(shapes_root / "images" / "val-*.tar"), clips=3, batch_size=batch_size)
+            examples.append(score_extension(chain.pipe, metrics.extension, real, settings, seed=0))
+            scores.append({k: v["value"] for k, v in metrics.extension_results(None).items()})
+        assert len(scores[0]) == 6 and all(isinstance(v, float) for v in scores[0].values()), scores[0]
+        assert scores[0] == pytest.approx(scores[1], rel=1e-5)
+        example = examples[0]
+        assert example["known"] == 5 and example["extended"].shape == example["real"].shape == (3, 5 + (extend or 6),
+                                                                                                 8, 8)
+        assert torch.equal(example["extended"][:, :5], example["real"][:, :5])  # the known frames, exactly
+        assert scores[0]["extend/gain_px"] == pytest.approx(scores[0]["extend/constant_velocity_px"]
+                                                            - scores[0]["extend/centroid_error_px"])
+
+
 # ----------------------------------------------------------------------------------------------------- evaluate()
 # scores of objects that 8 px frames may not hold (no background pixel 2 px away from them, no half-opaque object)
 MAY_BE_EMPTY = {f"objects/{w}/background_std" for w in ("D_t", "final", "real")} | {
@@ -227,6 +254,14 @@ def test_evaluate_writes_metrics_videos_and_reuses_samples(runs: Path, shapes_ro
         "D_t": (4, 3, 8, 8), "up_F": (16, 3, 8, 8), "SR_t": (16, 3, 16, 16), "D_per_frame": (4, 3, 8, 8)}
     assert stored["frames"]["SR_t"].dtype == torch.uint8
     assert (out / "tb").is_dir() and any((out / "tb").iterdir())
+    # ↑F extending a real clip: 5 of 11 frames known (half its window), 6 made, shown in the report
+    assert result["extension"]["known"] == 5 and result["extension"]["frames"] == 11
+    with Image.open(result["extension"]["sheet"]) as sheet:
+        assert sheet.size == (11 * 8, 2 * 8)  # every frame; rows: real, extended
+    with Image.open(result["extension"]["gif"]) as gif:
+        assert gif.n_frames == 11 and gif.size == (2 * 8, 8)
+    report = (out / "report.md").read_text()
+    assert "## Extension (↑F extrapolation)" in report and "](extension/sheet.png)" in report
     # Motion's reference: the real validation clips (quick: 2) at D_t's frame count, default fps (6) and size.
     real = TemporalCoherence()
     for clips, _, _ in real_batches(str(shapes_root / "videos" / "val-*.tar"), "videos", size=8, limit=2,
@@ -414,6 +449,8 @@ def test_lightning_test_with_eval_yaml(runs: Path, shapes_root: Path, tmp_path: 
     assert sorted(p.name for p in (run_dir / "videos").glob("*.mp4")) == [
         f"{sample_name(i, p)}.mp4" for i, p in enumerate(ev.load_prompts(data=shapes_root, num_prompts=3))]
     assert any(run_dir.glob("events.out.tfevents*"))  # the TensorBoard scalars
+    assert math.isfinite(float(logged["extend/psnr"])) and (run_dir / "extension" / "sheet.png").is_file()
+    assert "](extension/sheet.png)" in (run_dir / "report.md").read_text()  # ↑F extending a real clip
 
     # Same prompts, batches and seeds as `mav evaluate`: the same videos, so the same scores.
     direct = ev.evaluate(runs=runs, data=shapes_root, out=tmp_path / "direct", num_prompts=3, num_frames=4, steps=1,

@@ -91,6 +91,37 @@ def test_generate_writes_a_76_frame_mp4_and_gif(runs: Path, tmp_path: Path, caps
         assert gif.n_frames == 76 and gif.size == (32, 32)
 
 
+def test_generate_extend_adds_frames_after_up_F(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "extended.mp4"
+    main(["a red circle moving", "--out", str(out), "--runs", str(runs), "--steps", "2", "--num-frames", "4",
+          "--skip", "3", "--extend", "2", "--no-gif", "--no-progress"])
+    frames, fps = read_video(out)
+    assert frames.shape == (12, 3, 32, 32) and fps == pytest.approx(18.0)  # 4 -> ↑F 10 -> +2, then SR_t, SR_h
+
+    # The interpolated frames are those of a run without --extend; the new ones come before / after them.
+    pipe = load(runs, sr_t=None, sr_h=None)
+    plain = pipe("a red circle", num_frames=4, skip=3, steps=1, seed=5, progress=False)
+    assert plain.shape == (1, 10, 3, 8, 8)
+    after = pipe("a red circle", num_frames=4, skip=3, steps=1, seed=5, extend=3, progress=False)
+    before = pipe("a red circle", num_frames=4, skip=3, steps=1, seed=5, extend=3, extend_direction="backward",
+                  progress=False)
+    both = pipe("a red circle", num_frames=4, skip=3, steps=1, seed=5, extend=2, extend_direction="both",
+                progress=False)
+    assert after.shape[1] == before.shape[1] == 13 and both.shape[1] == 14 and pipe.last_fps == 18.0
+    assert torch.equal(after[:, :10], plain) and torch.equal(before[:, 3:], plain) and torch.equal(both[:, 2:12], plain)
+
+    with pytest.raises(ValueError, match=r"extend: ↑F extends the video, but this run has no ↑F"):
+        load(runs, interpolation=None, sr_t=None, sr_h=None)("a red circle", num_frames=4, steps=1, extend=2)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["a red circle", "--runs", str(runs), "--interp", "none", "--extend", "2"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--extend 2: ↑F extends the video, but --interp is none" in err
+    with pytest.raises(SystemExit):
+        main(["a red circle", "--runs", str(runs), "--extend", "-1"])
+    assert capsys.readouterr().err.strip() == "error: extend: frames to add must be >= 0, got -1"
+
+
 def test_stage_progress_ticks_without_touching_the_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     import tqdm.auto
 

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("fit", "predict with a stage (LightningCLI)"),
     "demo": ("demo", "the whole chain on the built-in Moving Shapes data, ending in runs/demo/report.md"),
     "generate": ("generate", "text to video with the trained chain: mav generate \"a prompt\" --out out.mp4"),
+    "extend": ("extend", "extend a video with ↑F (frame extrapolation): mav extend in.mp4 --frames K --out out.mp4"),
     "evaluate": ("evaluate", "generate for held-out prompts and score them: metrics.json, TensorBoard, videos"),
     "data": ("data", "write the Moving Shapes shards (images with captions, unlabeled videos, eval prompts)"),
     "embed": ("embed", "precompute the frozen CLIP's embeddings of shards: mav embed --clip FILE --urls S --out DIR"),

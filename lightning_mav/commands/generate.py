@@ -1,4 +1,5 @@
-"""``mav generate "a red circle moving" --out out.mp4``: text to video with the trained chain (the pipeline)."""
+"""``mav generate "a red circle moving" --out out.mp4``: text to video with the trained chain (the pipeline);
+``--extend K`` has ↑F extrapolate K more frames (``--extend-direction``) before super-resolution."""
 from __future__ import annotations
 
 import argparse
@@ -79,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     except ValueError as e:
         fail(str(e).replace("frame_chunk", "--sr-t-chunk").replace("chunk_overlap", "--sr-t-overlap"))
     paths = checkpoint_paths(args)
+    if settings.extend and paths["up_F"] is None:  # before loading anything: ↑F is the network that extends
+        fail(f"--extend {settings.extend}: ↑F extends the video, but --interp is none — give an ↑F checkpoint "
+             f"(`{train_command('up_F')}`)")
     try:
         pipe = MakeAVideoPipeline.from_checkpoints(
             clip=paths["clip"], clip_model=args.clip_model, prior=paths["P"], decoder=paths["D_t"],

@@ -13,6 +13,7 @@ from einops import rearrange
 from torch.utils.data import DataLoader
 
 from lightning_mav.evaluation.chain import Chain, load_chain
+from lightning_mav.evaluation.extension import write_extension_media
 from lightning_mav.evaluation.generation import generate_batch
 from lightning_mav.evaluation.options import EvalOptions
 from lightning_mav.evaluation.real_data import score_real_data
@@ -103,6 +104,8 @@ class EvaluationModule(pl.LightningModule):
                    "stages": self.chain.pipe.stages_run(self.settings.stop_after),
                    "dtype": str(self.chain.pipe.dtype).removeprefix("torch.")}
             result = {"metrics": scores, "paper": paper_rows(self.options, scores, videos), "run": run}
+            if self.metrics.extension_example is not None:  # one real clip extended by ↑F, for the report
+                result["extension"] = write_extension_media(self.out, self.metrics.extension_example)
             (self.out / "metrics.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
             write_report(self.out, result)
             if result["paper"] and isinstance(self.logger, TensorBoardLogger):

@@ -1,10 +1,12 @@
 """Scores on real validation data: the real side of FVD, real motion, ↑F's PSNR on held-out frames of real clips,
-and SR PSNR on downsampled real images / clips (each next to its baseline: linear blend, bicubic)."""
+↑F extending real clips, and SR PSNR on downsampled real images / clips (each next to its baseline: linear blend,
+constant velocity, bicubic)."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -15,7 +17,7 @@ from lightning_mav.evaluation.chain import Chain
 from lightning_mav.evaluation.generation import final_size
 from lightning_mav.evaluation.protocols import ucf101_real_clips, ucf101_sampling_description
 from lightning_mav.evaluation.scores import EvalMetrics
-from lightning_mav.metrics import interpolation_psnr, real_stats_path, sr_psnr
+from lightning_mav.metrics import ExtrapolationScore, interpolation_psnr, real_stats_path, sr_psnr
 from lightning_mav.pipeline import GenerationSettings, MakeAVideoPipeline, per_stage, stage_generator
 from lightning_mav.stages.superres import SuperResStage
 
@@ -117,6 +119,50 @@ def score_interpolation(pipe: MakeAVideoPipeline, metrics: EvalMetrics, real: Re
         metrics.update_interpolation_objects(pred.float().cpu(), target, k)
 
 
+def extension_lengths(window: int, extend: int = 0) -> tuple[int, int]:
+    """``(context, K)``: known frames per scored clip (half ↑F's ``window``, at least 2: the constant-velocity
+    guess needs two) and frames to extend (``extend``, or the rest of one window)."""
+    context = max(window // 2, 2)
+    return context, extend or max(window - context, 1)
+
+
+@torch.no_grad()
+def score_extension(pipe: MakeAVideoPipeline, score: ExtrapolationScore, real: RealData,
+                    settings: GenerationSettings, seed: int) -> dict[str, Any] | None:
+    """↑F extending real clips, scored into ``score`` (docs/evaluation.md#frame-extrapolation-extend).
+
+    Each clip (``context + K`` frames at ↑F's output rate ``fps · skip``, ↑F's size; :func:`extension_lengths`) keeps
+    its first ``context`` frames; ↑F extends them by ``K`` (conditioned on CLIP of their middle frame, as ``mav
+    extend`` does) and :class:`lightning_mav.metrics.ExtrapolationScore` compares the extension with the real rest.
+    Returns the first clip as an example, ``{"real", "extended": [3, F, H, W], "known": int, "fps": float}`` (None
+    without clips)."""
+    up_F = pipe.up_F
+    context, k = extension_lengths(up_F.num_frames, settings.extend)
+    rate = settings.fps * settings.skip  # ↑F's output rate, where the pipeline extends
+    clips = real_batches(real.videos, "videos", size=up_F.image_size, limit=real.clips, batch_size=real.batch_size,
+                         num_frames=context + k, fps=rate)
+    steps = int(per_stage(settings.steps, "up_F", up_F.sample_steps))
+    guidance = float(per_stage(settings.guidance, "up_F", up_F.guidance_scale))
+    example = None
+    for target, fps, keys in clips:
+        known = target[:, :, :context]
+        with pipe.autocast():
+            if context + k <= up_F.num_frames:  # one window: each clip's noise from its key, batched
+                noise = item_noise(keys, target.shape[1:], seed=seed, stream="up_F/extend", diffusion=up_F.diffusion)
+                pred = up_F.extend(known, k, "forward", fps=fps, context=context, steps=steps,
+                                   guidance_scale=guidance, noise=noise.to(pipe.device))
+            else:  # several windows: one clip at a time, each from a generator of its key
+                pred = torch.cat([up_F.extend(known[i:i + 1], k, "forward", fps=fps[i:i + 1], context=context,
+                                              steps=steps, guidance_scale=guidance,
+                                              generator=stage_generator(seed, f"up_F/extend/{key}"))
+                                  for i, key in enumerate(keys)])
+        pred = pred.float().clamp(-1, 1).cpu()
+        score.update(pred, target, context)
+        if example is None:
+            example = {"real": target[0], "extended": pred[0], "known": context, "fps": float(fps[0])}
+    return example
+
+
 @torch.no_grad()
 def score_super_resolution(stage: str, module: SuperResStage, pipe: MakeAVideoPipeline, metrics: EvalMetrics,
                            real: RealData, settings: GenerationSettings, seed: int) -> None:
@@ -197,6 +243,12 @@ def score_real_data(chain: Chain, metrics: EvalMetrics, real: RealData, settings
             skipped["up_F/data"] = f"not computed: ↑F's {pipe.up_F.num_frames}-frame window < skip + 1"
         else:
             score_interpolation(pipe, metrics, real, settings, seed)
+        if no_videos:  # ↑F extending real clips
+            skipped["extend/data"] = no_videos
+        elif pipe.up_F.num_frames < 4:
+            skipped["extend/data"] = f"not computed: ↑F's {pipe.up_F.num_frames}-frame window < 4 (2 known, 2 new)"
+        else:
+            metrics.extension_example = score_extension(pipe, metrics.extension, real, settings, seed)
     for stage, module in (("SR_l", chain.sr_l), ("SR_t", pipe.SR_t), ("SR_h", pipe.SR_h)):
         if module is not None:
             reason = no_videos if module.unet.temporal else no_images

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lightning_mav.evaluation.extension import extension_section
 from lightning_mav.evaluation.options import EvalOptions
 from lightning_mav.evaluation.protocols import PAPER_RESULTS
 from lightning_mav.metrics.intervals import format_interval
@@ -76,6 +77,9 @@ def write_report(out: Path, result: dict[str, Any]) -> Path:
         lines += ["## Against the paper", "", paper_table(result["paper"]), ""]
     lines += ["## Scores", "", *metrics_table(result["metrics"])]
     lines += fps_pair_section(out, result)
+    extension = extension_section(result, out)  # ↑F extending a real clip, when the run scored it
+    if extension:
+        lines += ["", *extension]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -21,6 +21,7 @@ import torch
 
 from lightning_mav.evaluation.chain import Chain, load_chain
 from lightning_mav.evaluation.fps_pair import fps_pair
+from lightning_mav.evaluation.extension import write_extension_media
 from lightning_mav.evaluation.options import EvalOptions
 from lightning_mav.evaluation.prompts import load_prompts
 from lightning_mav.evaluation.protocols import msrvtt_captions, ucf101_prompts
@@ -175,6 +176,8 @@ def evaluate(options: EvalOptions | None = None, /, **overrides: Any) -> dict[st
         result["fps_pair"] = pair["sheets"]
     result["paper"] = paper_rows(options, scores, num_videos=len(files))
     out.mkdir(parents=True, exist_ok=True)
+    if metrics.extension_example is not None:  # one real clip extended by ↑F, for the report
+        result["extension"] = write_extension_media(out, metrics.extension_example)
     (out / "metrics.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     write_tensorboard(scores, out / "tb", paper=result["paper"])
     write_report(out, result)

@@ -13,6 +13,7 @@ from torchmetrics.aggregation import MeanMetric, SumMetric
 from lightning_mav.evaluation.prompts import is_shapes_prompt
 from lightning_mav.metrics import (
     CLIPSIM,
+    ExtrapolationScore,
     FrechetVideoDistance,
     ShapesFaithfulness,
     TemporalCoherence,
@@ -74,6 +75,8 @@ class EvalMetrics(nn.Module):
         self.up_F_ghosts = UnitMeans(("ghost_rate",), rates=("ghost_rate",))  # ↑F's frames in generated videos
         self.interp_objects = UnitMeans(_INTERP_OBJECTS, rates=("ghost_rate", "blend_ghost_rate"))
         self.sr_edges = nn.ModuleDict({stage: UnitMeans(_SR_EDGES) for stage in _PSNR if stage != "up_F"})
+        self.extension = ExtrapolationScore()  # ↑F extending real clips (evaluation/extension.py)
+        self.extension_example: dict[str, Any] | None = None  # one extended clip for the report
 
     # ------------------------------------------------------------------ updates
     def update_generated(self, frames: dict[str, Tensor], prompts: Sequence[str], *, final: str,
@@ -269,6 +272,36 @@ class EvalMetrics(nn.Module):
                     f"{prefix}/psnr minus {prefix}/{base_name} (dB): > 0 when {stage} beats the {baseline}; the "
                     f"interval over the {'clips' if stage in ('up_F', 'SR_t') else 'images'}", reason,
                     None if gain is None else (gain["low"], gain["high"]))
+            out.update(self.extension_results(skipped.get("up_F") or skipped.get("extend/data")))
+        return out
+
+    def extension_results(self, reason: str | None) -> dict[str, dict[str, float | str]]:
+        """``extend/*``: ↑F extending held-out real clips (docs/evaluation.md); ``reason`` why not computed."""
+        scores = None if reason else self.extension.compute()
+        where = "over the extended frames of real clips (first half of ↑F's window known)"
+        abouts = {
+            "centroid_error_px": f"mean distance (px at ↑F's size) of the object's centroid in ↑F's extension from "
+                                 f"the real continuation's, {where}",
+            "constant_velocity_px": "the same for the constant-velocity guess (the last known centroid moved on by "
+                                    "the last step), on the same frames",
+            "detected": "fraction of extended frames with a real object in which ↑F's frame has one too",
+            "psnr": f"PSNR (dB) of ↑F's extended frames vs the real ones, {where}",
+            "hold_last_psnr": "PSNR (dB) of the last known frame held (the video that stops) on the same frames",
+        }
+        out: dict[str, dict[str, float | str]] = {}
+        for key, about in abouts.items():
+            value = None if scores is None else float(scores[key])
+            if reason is None and (value is None or not math.isfinite(value)):
+                value, why = None, "not computed: no scored frames"
+            else:
+                why = reason
+            out[f"extend/{key}"] = {"value": why if value is None else value, "about": about}
+        if all(isinstance(out[f"extend/{k}"]["value"], float) for k in ("centroid_error_px", "constant_velocity_px")):
+            gain = out["extend/constant_velocity_px"]["value"] - out["extend/centroid_error_px"]["value"]
+        else:
+            gain = out["extend/centroid_error_px"]["value"]  # the reason it is missing
+        out["extend/gain_px"] = {"value": gain, "about": "extend/constant_velocity_px minus extend/centroid_error_px: "
+                                                         "> 0 when ↑F continues the path better than the guess"}
         return out
 
     def _object_results(self, put: Any, put_mean: Any, shapes_reason: str | None, real_reason: str | None,

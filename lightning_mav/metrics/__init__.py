@@ -6,6 +6,7 @@ optional ``torch-fidelity`` package when used with Inception weights (importing 
 
 from lightning_mav.metrics.c3d import C3D, TorchScriptC3D, load_c3d
 from lightning_mav.metrics.clipsim import CLIPSIM
+from lightning_mav.metrics.extension import ExtrapolationScore, constant_velocity_guess, extension_errors
 from lightning_mav.metrics.frames import FrameFID, FrameInceptionScore
 from lightning_mav.metrics.fvd import FrechetVideoDistance, frechet_distance, resize_video
 from lightning_mav.metrics.i3d import InceptionI3d, TorchScriptI3D, load_i3d
@@ -24,6 +25,7 @@ from lightning_mav.metrics.video_is import VideoInceptionScore, c3d_clips, incep
 __all__ = [
     "C3D",
     "CLIPSIM",
+    "ExtrapolationScore",
     "FrameFID",
     "FrameInceptionScore",
     "FrechetVideoDistance",
@@ -34,7 +36,9 @@ __all__ = [
     "TorchScriptI3D",
     "VideoInceptionScore",
     "c3d_clips",
+    "constant_velocity_guess",
     "detect_object",
+    "extension_errors",
     "frechet_distance",
     "inception_score",
     "interpolation_psnr",
