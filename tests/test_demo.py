@@ -29,10 +29,12 @@ def test_quick_demo_trains_the_chain_and_writes_the_report(tmp_path: Path, monke
     text = report.read_text()
     assert "## Metrics" in text and "shapes/color" in text and "coherence/D_t" in text
     assert "objects/final/one_object" in text and "interp/blend_ghost_rate" in text and "sr/SR_h/sharpness" in text
-    assert "## fps conditioning" in text and len(list((tmp_path / "runs" / "demo" / "sheets").glob("fps-pair-*.png"))) == 1
+    assert "## fps conditioning" in text
+    assert len(list((tmp_path / "runs" / "demo" / "sheets").glob("fps-pair-*.png"))) == 1
     precision = demo_precision()  # auto: bf16-mixed on CPUs with bf16 instructions, else 32-true
     assert text.count(f"| {precision} |") == len(NETWORKS)  # every stage trained in it
-    assert f"Videos sampled in {'bfloat16' if precision == 'bf16-mixed' else 'float32'}." in text
+    assert f"Videos sampled in {'bfloat16' if precision == 'bf16-mixed' else 'float32'}: 1 held-out prompts x 1" in text
+    assert "## Extension (↑F extrapolation)" in text and "extend/centroid_error_px" in text
     (mp4,) = (tmp_path / "runs" / "demo" / "videos").glob("*.mp4")
     frames, fps = read_video(mp4)
     assert frames.shape[0] == 76 and fps > 0
