@@ -69,8 +69,8 @@ def run_demo(*, data: Path = Path("data/shapes"), runs: Path = Path("runs"), for
 
     ``precision`` (see :func:`demo_precision`) also sets the sampling dtype of the evaluation (bf16 or fp32).
     ``num_prompts`` x ``videos_per_prompt`` videos are scored (default 24 x 2: enough for the report's intervals to
-    tell changes apart, docs/choices.md#demo-report-24-prompts-x-2-videos) and ``fps_pair_prompts`` prompts sampled
-    by D_t at fps 4 and 24.
+    tell changes apart, docs/choices.md#demo-report-24-prompts-x-2-videos-with-95-intervals) and
+    ``fps_pair_prompts`` prompts sampled by D_t at fps 4 and 24.
 
     ``runs`` must be the folder the stage YAMLs chain through (``runs/<parent>/checkpoints/last.ckpt``, relative to
     the working directory); it is a parameter for tests that run in a temporary working directory.
