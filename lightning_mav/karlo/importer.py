@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ class ImportedRun:
     hparams: dict[str, Any]       # the stage's options
     state_dict: dict[str, Tensor]  # the stage's tensors (``prior.*``, ``unet.*``, ``unet_last.*``)
     sources: list[str]            # the files it was made from
+    clip_widths: dict[str, int] = field(default_factory=dict)  # what it reads of its CLIP (P: checked, not saved)
 
     @property
     def run(self) -> str:
@@ -170,8 +171,8 @@ def _prior(src: Path, clip_fields: dict[str, Any]) -> ImportedRun:
     # the widths PriorStage takes from its CLIP: kept to check a CLIP against (not stage options)
     widths = {"embed_dim": kwargs["embed_dim"], "text_width": kwargs["text_width"],
               "max_text_len": kwargs["max_text_len"]}
-    return ImportedRun("P", {**hparams, "_widths": widths}, {f"prior.{k}": v for k, v in state.items()},
-                       [str(config_path), str(sched_path)])
+    return ImportedRun("P", hparams, {f"prior.{k}": v for k, v in state.items()},
+                       [str(config_path), str(sched_path)], clip_widths=widths)
 
 
 def _decoder(src: Path, clip_fields: dict[str, Any]) -> ImportedRun:
@@ -227,7 +228,7 @@ def check_clip(runs: list[ImportedRun], clip: str, clip_model: str) -> None:
         raise KarloImportError(f"{clip}: cannot load as open_clip {clip_model} "
                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     by_key = {r.key: r for r in runs}
-    widths = by_key["P"].hparams["_widths"]
+    widths = by_key["P"].clip_widths
     unet = by_key["D"].hparams["unet"]
     found = {"image embedding": model.embed_dim, "text width": model.text_width,
              "context length": model.context_length}
@@ -257,7 +258,7 @@ def write_runs(runs: list[ImportedRun], runs_dir: str | os.PathLike, *, src: str
     written = []
     for r in runs:
         # plain lists and dicts (YAML-safe, as a LightningCLI config would give them)
-        hparams = json.loads(json.dumps({k: v for k, v in r.hparams.items() if not k.startswith("_")}))
+        hparams = json.loads(json.dumps(r.hparams))
         tmp = Path(tempfile.mkdtemp(prefix=f".{r.run}.", dir=root))
         try:
             ckpt = tmp / "checkpoints" / "last.ckpt"
