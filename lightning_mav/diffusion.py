@@ -345,6 +345,13 @@ class Diffusion:
             )
         raise ValueError(f"sampler must be 'ddim', 'ddpm', 'dpm++' or 'unclip', got {sampler!r}")
 
+    def check_final_denoise(self, final_denoise: int | None) -> None:
+        """Raise unless ``final_denoise`` is None or a timestep in ``[0, T)``."""
+        if final_denoise is not None and (isinstance(final_denoise, bool) or not isinstance(final_denoise, int)
+                                          or not 0 <= final_denoise < self.timesteps):
+            raise ValueError(f"final_denoise must be a timestep in [0, {self.timesteps}) or null, "
+                             f"got {final_denoise!r}")
+
     @staticmethod
     def guided(
         model_fn: Callable[[Tensor, Tensor, bool | Tensor], Tensor],
@@ -391,6 +398,7 @@ class Diffusion:
         cfg_batch: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        final_denoise: int | None = None,
     ) -> Tensor:
         """Run the reverse process from pure noise to x0.
 
@@ -405,9 +413,14 @@ class Diffusion:
             generator: seeds the initial noise and the DDPM step noise: same seed, same sample.
             noise: initial x_T ``[B, ...]`` (e.g. SR_h's identical noise for every frame).
             cfg_batch: batch the two guidance branches into one call (see :meth:`guided`).
+            final_denoise: after the last step, one more network call at this timestep takes the result for
+                ``x_t`` there and returns its x0 prediction (the final denoising step of Karras et al. 2022). A
+                briefly trained network's last x0 prediction keeps noise of a small timestep's level, seen as grain
+                on flat areas; this call removes it (docs/choices.md#sr-stages-final-denoising-step). None: off.
         Returns:
             x0 ``[B, ...]``.
         """
+        self.check_final_denoise(final_denoise)
         if noise is None:
             if shape is None:
                 raise ValueError("give a shape or the initial noise")
@@ -436,4 +449,10 @@ class Diffusion:
             if self.learned_variance:  # the other samplers use the mean only
                 output = output[:, :x.shape[1]]
             x = scheduler.step(output, t, x, generator=generator).prev_sample
+        if final_denoise is not None:
+            t_batch = torch.full((x.shape[0],), final_denoise, device=x.device, dtype=torch.long)
+            output = self.guided(model_fn, x, t_batch, guidance_scale, cfg_batch, self.learned_variance)
+            x = self.predict_x0(x, t_batch, output[:, :x.shape[1]])
+            if self.clip_sample is not None:
+                x = x.clamp(-self.clip_sample, self.clip_sample)
         return x

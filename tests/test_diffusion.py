@@ -226,3 +226,37 @@ def test_bad_options_name_themselves(kwargs: dict, error: type, message: str) ->
     """Options arrive from untyped YAML dicts (``diffusion: {...}``): a wrong type is named, not a bare TypeError."""
     with pytest.raises(error, match=f"^{message}$"):
         Diffusion(**kwargs)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_final_denoise_is_one_more_call_whose_x0_is_returned(objective: str) -> None:
+    """``final_denoise=k``: the sampler's result goes through the network once more at timestep k, and the x0 that
+    output implies (clipped) is returned; an oracle's x0 survives it."""
+    d = Diffusion(1000, "cosine", objective, clip_sample=1.0)
+    shape = SHAPES["4d"]
+    calls: list[torch.Tensor] = []
+
+    def recorded(x_t: torch.Tensor, t: torch.Tensor, drop_cond=False) -> torch.Tensor:
+        calls.append(t.clone())
+        return toy_model(x_t, t, drop_cond)
+
+    generator = torch.Generator().manual_seed(0)
+    plain = d.sample(recorded, shape, steps=5, sampler="ddim", generator=generator)
+    calls.clear()
+    out = d.sample(recorded, shape, steps=5, sampler="ddim", generator=torch.Generator().manual_seed(0),
+                   final_denoise=10)
+    assert len(calls) == 6 and torch.equal(calls[-1], torch.full((shape[0],), 10))
+    t = torch.full((shape[0],), 10)
+    expected = d.predict_x0(plain, t, toy_model(plain, t)).clamp(-1, 1)
+    torch.testing.assert_close(out, expected)
+    assert not torch.allclose(out, plain)
+    x0 = torch.rand(shape) * 2 - 1
+    recovered = d.sample(oracle(d, x0), shape, steps=8, sampler="ddim", generator=torch.Generator().manual_seed(0),
+                         final_denoise=10)
+    assert (recovered - x0).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("value", [1000, -1, 2.5, True])
+def test_final_denoise_must_be_a_timestep(value) -> None:
+    with pytest.raises(ValueError, match=r"^final_denoise must be a timestep in \[0, 1000\) or null, got "):
+        Diffusion().sample(toy_model, (1, 2), steps=2, final_denoise=value)

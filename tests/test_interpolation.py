@@ -241,6 +241,32 @@ def test_residual_diffuses_the_difference_to_the_linear_blend(monkeypatch: pytes
     torch.testing.assert_close(targets[0], x0 - linear_blend(x0, masks))
 
 
+def test_start_at_blend_samples_the_linear_blend_from_a_trained_D_t(chain: dict) -> None:
+    """x0 objective + ``start_at_blend``: the trained D_t's output layer is zeroed, so ↑F's sample at init is exactly
+    the linear blend of the known frames, whatever the noise; the v-objective ↑F from the same D_t is not."""
+    video = torch.rand(2, 3, 6, 16, 16) * 2 - 1
+    known = interpolation_mask(6, 5)
+    blend = linear_blend(video, known.expand(2, 6))
+    y_e = inputs()["y_e"]
+    x0_diffusion = {"objective": "x0"}
+    up_F = InterpolationStage(unet=DT_UNET, image_size=16, init_from=chain["dt_ckpt"], diffusion=x0_diffusion,
+                              start_at_blend=True, sample_steps=3).eval()
+    assert up_F.unet.out_conv.temporal.weight.abs().sum() > 0  # kept: the spatial part's gradient flows through it
+    for seed in (0, 1):
+        out = up_F.sample(y_e, video=video, known=known, fps=8.0, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(out, blend.clamp(-1, 1), rtol=0, atol=1e-6)
+    plain = InterpolationStage(unet=DT_UNET, image_size=16, init_from=chain["dt_ckpt"], sample_steps=3).eval()
+    out = plain.sample(y_e, video=video, known=known, fps=8.0, generator=torch.Generator().manual_seed(0))
+    assert (out - blend).abs().max() > 0.05
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({}, "objective 'v'"), ({"diffusion": {"objective": "x0"}, "residual": False}, "residual False")])
+def test_start_at_blend_needs_the_x0_objective_and_residual(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^start_at_blend needs residual: true and diffusion objective x0 .*{message}"):
+        InterpolationStage(unet=DT_UNET, image_size=16, start_at_blend=True, **kwargs)
+
+
 def test_a_checkpoint_saved_before_residual_loads_as_not_residual(chain: dict, tmp_path: Path) -> None:
     up_F = InterpolationStage(unet=DT_UNET, image_size=16, init_from=chain["dt_ckpt"])
     assert load_stage(InterpolationStage, save_stage(up_F, tmp_path / "new.ckpt"), stage="up_F").residual

@@ -244,3 +244,27 @@ def test_sr_t_samples_in_overlapping_frame_windows(sr_l_ckpt: str) -> None:
         stage.sample(low, steps=1, frame_chunk=4, chunk_overlap=4)
     with pytest.raises(ValueError, match="frame_chunk must be a positive integer"):
         SuperResStage(unet=UNET, frame_chunk=0, **SR)
+
+
+def test_final_denoise_runs_the_unet_once_more_at_its_timestep() -> None:
+    """``final_denoise: k`` (docs/choices.md#sr-stages-final-denoising-step): the sampler's steps, then one U-Net
+    call at t = k on the result, and the residual x0 it implies over bicubic."""
+    stage = SuperResStage(unet=UNET, final_denoise=10, **SR).eval()
+    with torch.no_grad():
+        for p in stage.unet.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    seen = unet_inputs(stage)
+    frames, noise = images(2, size=8), torch.randn(2, 3, 16, 16)
+    out = stage.sample(frames, noise=noise, noise_level=0.0)
+    assert [int(call["t"][0]) for call in seen][-1] == 10 and len(seen) == SR["sample_steps"] + 1
+    fn, t = stage.model_fn(frames, torch.zeros(2), sampling=True), torch.full((2,), 10)
+    with torch.no_grad():
+        residual = stage.diffusion.sample(fn, noise=noise, steps=SR["sample_steps"], sampler=stage.sampler)
+        x0 = stage.diffusion.predict_x0(residual, t, fn(residual, t)).clamp(-1, 1)
+    torch.testing.assert_close(out, (x0 + stage.base(frames, (16, 16))).clamp(-1, 1))
+
+
+def test_final_denoise_out_of_range_fails_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"^final_denoise must be a timestep in \[0, 1000\) or null, got 1000$"):
+        SuperResStage(unet=UNET, final_denoise=1000, **SR)

@@ -133,6 +133,10 @@ class InterpolationStage(DecoderStage):
             gets wrong, and its known frames are exactly 0.
         guidance_scale: default guidance of :meth:`sample`; the known frames already pin the content, so 1
             (no guidance, half the compute) is the default.
+        start_at_blend: zero the output convolution's 2-D part after loading D_t. With ``residual`` and the x0
+            objective (``diffusion: {objective: x0}``) ↑F then starts as exactly the linear blend, and training
+            only adds the corrections that lower the loss; D_t's output layer predicts v of whole frames, which
+            means nothing in the residual space (docs/choices.md#f-x0-objective-starting-at-the-blend).
         options: D_t's (``clip_ckpt``, ``init_from``, ``freeze_spatial``: only the new ``extra_in`` convolution,
             ``sample_steps``, ...) and the shared ones: see :class:`lightning_mav.stages.decoder.DecoderStage`.
     """
@@ -149,6 +153,7 @@ class InterpolationStage(DecoderStage):
         loss_on_known: bool = False,
         residual: bool = True,
         guidance_scale: float = 1.0,
+        start_at_blend: bool = False,
         **options: Any,
     ) -> None:
         if not skips or min(skips) < 1:
@@ -161,6 +166,16 @@ class InterpolationStage(DecoderStage):
         super().__init__(unet=unet, joint_image_prob=0.0, guidance_scale=guidance_scale, **options)
         self.num_frames, self.skips = num_frames, tuple(int(k) for k in skips)
         self.extrapolation_prob, self.loss_on_known, self.residual = extrapolation_prob, loss_on_known, residual
+        if start_at_blend:
+            if not residual or self.diffusion.objective != "x0":
+                raise ValueError(f"start_at_blend needs residual: true and diffusion objective x0 (a zero output is "
+                                 f"the blend only then), got residual {residual}, "
+                                 f"objective {self.diffusion.objective!r}")
+            with torch.no_grad():  # a checkpoint loaded afterwards (resume, load_stage) brings its own weights
+                self.unet.out_conv.spatial.weight.zero_()
+                self.unet.out_conv.spatial.bias.zero_()
+                if self.unet.out_conv.temporal is not None:  # keep its weight: zeroing both would block the gradient
+                    self.unet.out_conv.temporal.bias.zero_()
 
     # ------------------------------------------------------------------ the network with its conditioning
     def model_fn(self, image_embed: Tensor | None, *, fps: Tensor | None = None, drop: Tensor | None = None,

@@ -140,6 +140,9 @@ class SuperResStage(StageBase):
             from the saved hyperparameters once loaded (see :meth:`StageBase.init_network`).
         freeze_spatial: train only the new (temporal) parameters.
         sample_steps, sampler: defaults of :meth:`sample`.
+        final_denoise: one more network call at this timestep after the sampler's last step (see
+            :meth:`lightning_mav.diffusion.Diffusion.sample`): removes the grain a briefly trained SR stage leaves
+            on flat areas (docs/choices.md#sr-stages-final-denoising-step). None: off (the class default).
         frame_chunk, chunk_overlap: defaults of :meth:`sample` for videos (SR_t): each network call of the sampler
             on windows of ``frame_chunk`` frames overlapping by ``chunk_overlap``, cross-faded (see the module
             docstring: bounds memory, approximates the whole-clip call); None (the default): all frames at once.
@@ -167,6 +170,7 @@ class SuperResStage(StageBase):
         sample_steps: int = 50,
         sampler: Literal["ddim", "ddpm", "dpm++", "unclip"] = "ddim",
         last_step_unet: bool = False,
+        final_denoise: int | None = None,
         frame_chunk: int | None = None,
         chunk_overlap: int = 4,
         **options: Any,
@@ -189,9 +193,10 @@ class SuperResStage(StageBase):
             if last_step_unet else None
         self.noise_aug = self.unet.lowres_noise_cond  # a U-Net without the level input gets the clean low-res image
         self.diffusion = Diffusion(**resolve_pixel_diffusion(configs["diffusion"]))
+        self.diffusion.check_final_denoise(final_denoise)  # a bad config fails before training
         self.lowres_size, self.highres_size, self.crop_size = lowres_size, highres_size, crop_size
         self.lowres_noise_max, self.lowres_noise_sample = lowres_noise_max, lowres_noise_sample
-        self.sample_steps, self.sampler = sample_steps, sampler
+        self.sample_steps, self.sampler, self.final_denoise = sample_steps, sampler, final_denoise
         self.frame_chunk, self.chunk_overlap = frame_chunk, chunk_overlap
         self.init_network(self.unet, init_from)
         if freeze_spatial:
@@ -300,7 +305,7 @@ class SuperResStage(StageBase):
         out = self.diffusion.sample(model_fn, shape,
                                     steps=steps or self.sample_steps,
                                     sampler=sampler or self.sampler, generator=generator, noise=noise,
-                                    progress=progress, device=self.device)
+                                    progress=progress, device=self.device, final_denoise=self.final_denoise)
         base = self.base(clean, shape[-2:])
         return out if base is None else (out + base).clamp(-1, 1)
 
