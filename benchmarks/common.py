@@ -163,15 +163,6 @@ def demo_dt_unet() -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- paper configs
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``over`` merged into ``base`` key by key (nested dicts merged, anything else replaced), as LightningCLI merges
-    a ``--config`` overlay given after the stage YAML."""
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 #: each child stage's parent (``init_from``): its U-Net is the parent's updated with the child's ``unet`` changes
 PARENTS = {"dt": "decoder", "interp": "dt", "sr_t": "sr_l"}
 
@@ -185,7 +176,8 @@ def paper_init_args(name: str) -> dict[str, Any]:
     def load(path: Path) -> dict[str, Any]:
         return (yaml.safe_load(path.read_text()).get("model") or {}).get("init_args") or {}
 
-    args = deep_merge(load(EXPERIMENTS / f"{name}.yaml"), load(EXPERIMENTS / "paper" / f"{name}.yaml"))
+    # an overlay's dict (unet, diffusion) replaces the base's whole, as jsonargparse does on the command line
+    args = {**load(EXPERIMENTS / f"{name}.yaml"), **load(EXPERIMENTS / "paper" / f"{name}.yaml")}
     if name in PARENTS:
         args["unet"] = {**paper_init_args(PARENTS[name])["unet"], **(args.get("unet") or {})}
     return args

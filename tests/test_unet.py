@@ -126,6 +126,41 @@ def test_fps_zero_init_then_dependent() -> None:
         assert (a - b).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fps_mix_interpolates_a_low_and_a_high_fps_kernel_by_log_fps(channels_last: bool) -> None:
+    """``fps_mix=(4, 24)``: identity at init; fps <= 4 runs the low-fps kernels alone, fps >= 24 the original ones
+    (a D_t without fps_mix given those kernels), fps 8 a mix of both: lerp at log(8/4) / log(24/4)."""
+    d, dt = _d_and_dt(fps_mix=(4, 24), channels_last=channels_last)
+    _, plain = _d_and_dt(channels_last=channels_last)
+    low_names = [n for n, _ in dt.named_parameters() if n.endswith("_low_fps")]
+    assert low_names and all(is_temporal_name(n) for n in low_names)  # new in D_t, trained with frozen spatial
+    assert len(low_names) == 2 * sum(1 for n, _ in plain.named_parameters() if n.endswith("temporal.weight"))
+    inp = _inputs()
+    with torch.no_grad():
+        plain.load_state_dict({k: v for k, v in dt.state_dict().items() if "_low_fps" not in k})
+        torch.testing.assert_close(dt(**inp, fps=torch.tensor([2.0, 30.0])), plain(**inp, fps=torch.tensor([2.0, 30.0])))
+        _perturb(dt.temporal_parameters(), std=0.05)
+        high = {k: v for k, v in dt.state_dict().items() if "_low_fps" not in k}
+        low = {k.replace("_low_fps", ""): v for k, v in dt.state_dict().items() if "_low_fps" in k}
+        fps = torch.tensor([3.0, 40.0])  # clamped: all low, all high
+        out = dt(**inp, fps=fps)
+        plain.load_state_dict(high)
+        as_high = plain(**inp, fps=fps)
+        plain.load_state_dict({**high, **low})
+        as_low = plain(**inp, fps=fps)
+        torch.testing.assert_close(out[1], as_high[1])
+        torch.testing.assert_close(out[0], as_low[0])
+        assert (as_low[0] - as_high[0]).abs().max() > 1e-3
+        mid = dt(**inp, fps=torch.tensor([8.0, 8.0]))
+        assert (mid - out).abs().max() > 1e-4
+
+
+def test_fps_mix_needs_temporal_layers_and_an_increasing_range() -> None:
+    for kwargs in ({"fps_mix": (4, 24)}, {"temporal": True, "fps_mix": (24, 4)}):
+        with pytest.raises(ValueError, match="^fps_mix needs temporal: true and 0 < fps_low < fps_high"):
+            UNet(**BASE, **kwargs)
+
+
 def test_drop_cond_uses_learned_null() -> None:
     d, _ = _d_and_dt()
     inp = _inputs()

@@ -99,21 +99,44 @@ class TemporalConv(nn.Conv1d):
         super().__init__(channels, channels, kernel_size, padding=kernel_size // 2)
         nn.init.dirac_(self.weight)
         nn.init.zeros_(self.bias)
+        self.register_parameter("weight_low_fps", None)
+        self.register_parameter("bias_low_fps", None)
+        #: ``[B]`` per clip, set by ``UNet.forward`` with ``fps_mix``: 0 = the low-fps weights, 1 = ``weight``
+        self.fps_mix: Tensor | None = None
+
+    def add_low_fps_weights(self) -> None:
+        """A second kernel for low frame rates (``UNet(fps_mix=...)``), identity at init like the first."""
+        self.weight_low_fps = nn.Parameter(self.weight.detach().clone())
+        self.bias_low_fps = nn.Parameter(self.bias.detach().clone())
 
     def forward(self, x: Tensor, num_frames: int) -> Tensor:  # type: ignore[override]
-        """``x [(B F), C, H, W] -> [(B F), C, H, W]``, mixing each pixel's ``F`` frames; memory format kept."""
+        """``x [(B F), C, H, W] -> [(B F), C, H, W]``, mixing each pixel's ``F`` frames; memory format kept.
+
+        With low-fps weights, each clip's output is ``lerp(conv_low(x), conv(x), fps_mix)``.
+        """
+        high = self._conv(x, num_frames, self.weight, self.bias)
+        if self.weight_low_fps is None:
+            return high
+        if self.fps_mix is None:
+            raise RuntimeError("TemporalConv with low-fps weights needs fps_mix (set by UNet.forward)")
+        low = self._conv(x, num_frames, self.weight_low_fps, self.bias_low_fps)
+        mix = self.fps_mix.to(device=x.device, dtype=x.dtype).repeat_interleave(num_frames).view(-1, 1, 1, 1)
+        return torch.lerp(low, high, mix)
+
+    def _conv(self, x: Tensor, num_frames: int, weight_param: Tensor, bias_param: Tensor) -> Tensor:
+        """The temporal convolution of ``x [(B F), C, H, W]`` with the given kernel ``[C, C, k]`` and bias."""
         n, c, h, w = x.shape
         b, f, k = n // num_frames, num_frames, self.kernel_size[0]
         # tap-major weight [k*C_out, C_in]: row j*C + o is output channel o of tap j
-        weight = self.weight.permute(2, 0, 1).reshape(k * c, c)
+        weight = weight_param.permute(2, 0, 1).reshape(k * c, c)
         if is_channels_last(x):
             # one GEMM to the k taps on the [B, F, H*W, C] token view (a free view)
             taps = F.linear(x.permute(0, 2, 3, 1).reshape(b, f, h * w, c), weight).view(b, f, h * w, k, c)
-            out = _ShiftAddTaps.apply(taps, self.bias.to(taps.dtype), 3)  # [B, F, H*W, C]
+            out = _ShiftAddTaps.apply(taps, bias_param.to(taps.dtype), 3)  # [B, F, H*W, C]
             return out.view(n, h, w, c).permute(0, 3, 1, 2)
         # NCHW: one 1x1 conv to the k taps, [(B F), k*C, H, W] = [B, F, k, C, H, W]
         taps = F.conv2d(x, weight[:, :, None, None]).view(b, f, k, c, h, w)
-        out = _ShiftAddTaps.apply(taps, self.bias.to(taps.dtype).view(c, 1, 1), 2)  # [B, F, C, H, W]
+        out = _ShiftAddTaps.apply(taps, bias_param.to(taps.dtype).view(c, 1, 1), 2)  # [B, F, C, H, W]
         return out.view(n, c, h, w)
 
 

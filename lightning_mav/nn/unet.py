@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .embeddings import FpsEmbedding, TimestepEmbedding
 from .mixed_precision import GroupNorm32
-from .p3d import Attn_P3D, Conv_P3D, fold_frames, is_channels_last, unfold_frames
+from .p3d import Attn_P3D, Conv_P3D, TemporalConv, fold_frames, is_channels_last, unfold_frames
 
 __all__ = ["UNet", "ResBlock", "count_parameters", "is_temporal_name"]
 
@@ -282,6 +282,12 @@ class UNet(nn.Module):
         extra_in_channels: extra input channels (``↑F``: masked frames + mask) through the zero-init ``extra_in``.
         fps_cond: add the fps embedding (``D_t``); its parameters are named ``fps_*``.
         temporal: build the temporal layers (``D_t``, ``↑F``, ``SR_t``); ``False`` for ``D``, ``SR_l``, ``SR_h``.
+        fps_mix: ``(fps_low, fps_high)``: every temporal convolution gets a second kernel for low frame rates
+            (``TemporalConv.add_low_fps_weights``), and each clip uses ``lerp(low, high, a)`` of the two outputs with
+            ``a`` = log(fps) placed linearly between log(fps_low) (0) and log(fps_high) (1), clamped; no fps: 0.5.
+            The dependence on the frame rate is built in, so each clip's gradient goes to its regime's kernel; the
+            fps embedding alone is not learned in a few hundred steps (docs/choices.md#d_t-fps_mix). None: the
+            paper's D_t.
         dropout: dropout in the res blocks.
         checkpointing: recompute each block in the backward pass (``torch.utils.checkpoint``) to save memory.
         channels_last: keep activations in ``channels_last`` memory format. It makes the attention token
@@ -318,6 +324,7 @@ class UNet(nn.Module):
         lowres_channels: int | None = None,
         extra_in_channels: int = 0,
         fps_cond: bool = False,
+        fps_mix: Sequence[float] | None = None,
         temporal: bool = False,
         dropout: float = 0.0,
         checkpointing: bool = False,
@@ -457,6 +464,16 @@ class UNet(nn.Module):
         self.out_conv = Conv_P3D(ch, out_channels, 3, temporal)
         nn.init.zeros_(self.out_conv.spatial.weight)  # ADM: predict 0 at init
         nn.init.zeros_(self.out_conv.spatial.bias)
+        self.fps_mix: tuple[float, float] | None = None
+        self._fps_convs: tuple[TemporalConv, ...] = ()
+        if fps_mix is not None:
+            low, high = (float(v) for v in fps_mix)
+            if not temporal or not 0 < low < high:
+                raise ValueError(f"fps_mix needs temporal: true and 0 < fps_low < fps_high, got {list(fps_mix)}")
+            self.fps_mix = (low, high)
+            self._fps_convs = tuple(m for m in self.modules() if isinstance(m, TemporalConv))
+            for conv in self._fps_convs:
+                conv.add_low_fps_weights()
 
     # ------------------------------------------------------------------------------------------ parameter groups
     def named_temporal_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -606,6 +623,12 @@ class UNet(nn.Module):
             emb = emb + self.lowres_noise_embed(level.to(h.device).reshape(b))
         if self.fps_cond and fps is not None:
             emb = emb + self.fps_embed(fps.to(h.device).reshape(b))
+        if self.fps_mix is not None:
+            low, high = self.fps_mix
+            mix = torch.full((b,), 0.5, device=h.device) if fps is None else \
+                ((fps.to(h.device).float().reshape(b).log() - math.log(low)) / math.log(high / low)).clamp(0, 1)
+            for conv in self._fps_convs:
+                conv.fps_mix = mix
         if self.text_embed_dim and text_embed is not None:
             emb = emb + self.text_embed_proj(text_embed.to(device=h.device, dtype=self.text_embed_proj.weight.dtype))
         drop = drop_cond.to(device=h.device, dtype=torch.bool).reshape(b) if drop_cond is not None else None
