@@ -107,10 +107,11 @@ def run_demo(*, data: Path = Path("data/shapes"), runs: Path = Path("runs"), for
 
     print("[eval] generating videos for the held-out prompts and scoring them ...", flush=True)
     out = runs / "demo"
-    # few sampling steps after D_t: ↑F, SR_t and SR_h run on 76 frames, which dominates a CPU's evaluation time
+    # steps=None: every stage samples with its own sample_steps, as its YAML set them and as `mav generate` does
+    # (docs/choices.md#demo-evaluation-each-stage-samples-with-its-own-steps)
     result = evaluate(EvalOptions(runs=str(runs), data=str(data), out=str(out), num_prompts=num_prompts, quick=quick,
                                   videos_per_prompt=videos_per_prompt, fps_pair_prompts=fps_pair_prompts,
-                                  steps=None if quick else {"P": 16, "D_t": 20, "*": 8}, eval_clips=8,
+                                  steps=None, eval_clips=8,
                                   dtype="bf16" if precision.startswith("bf16") else "fp32"))
     report = write_report(out, records, result, seconds=time.time() - t0)
     print(f"[done] {report} ({_elapsed(time.time() - t0)})", flush=True)

@@ -41,3 +41,35 @@ def test_quick_demo_trains_the_chain_and_writes_the_report(tmp_path: Path, monke
     # a second run skips every finished stage
     assert run_demo(data=Path("data/shapes"), quick=True, num_prompts=1, videos_per_prompt=1,
                     fps_pair_prompts=1) == report
+
+
+def test_demo_evaluates_every_stage_with_its_own_sampling_steps(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report must score the chain as its YAMLs sample it: an override such as ``{"*": 8}`` once ran the
+    one-step ↑F with 8 steps."""
+    import json
+
+    import lightning_mav.evaluation as evaluation
+    from datamodules import shapes
+    from lightning_mav.demo import run_demo
+    from lightning_mav.networks import NETWORKS
+
+    for stage in (n.run for n in NETWORKS):  # every stage done earlier: the demo goes straight to evaluation
+        (tmp_path / "runs" / stage).mkdir(parents=True)
+        (tmp_path / "runs" / stage / "DONE").write_text(json.dumps(
+            {"stage": stage, "steps": 1, "seconds": 1.0, "precision": "32-true", "metrics": {}}))
+    monkeypatch.setattr(shapes, "is_complete", lambda root: True)
+    seen = []
+
+    class Evaluated(Exception):
+        pass
+
+    def evaluate(options: evaluation.EvalOptions) -> None:
+        seen.append(options)
+        raise Evaluated
+
+    monkeypatch.setattr(evaluation, "evaluate", evaluate)
+    with pytest.raises(Evaluated):
+        run_demo(data=tmp_path / "data", runs=tmp_path / "runs", precision="32-true")
+    (options,) = seen
+    assert options.steps is None and options.num_prompts == 24 and options.videos_per_prompt == 2
