@@ -78,6 +78,11 @@ def test_every_paper_overlay_parses_on_its_stage(overlay: str, capsys: pytest.Ca
         demo = printed_config(["fit", "--config", str(EXPERIMENTS / overlay)], capsys)
         assert demo["model"]["init_args"]["diffusion"]["frame_noise_share"] == 0.5
         assert cfg["model"]["init_args"]["diffusion"]["frame_noise_share"] == 0.0
+    if overlay == "interp.yaml":  # the demo's ↑F (x0 from a motion-compensated blend) is the demo's; the paper's is not
+        demo = printed_config(["fit", "--config", str(EXPERIMENTS / overlay)], capsys)["model"]["init_args"]
+        assert (demo["baseline"], demo["start_at_blend"], demo["diffusion"]["min_snr_gamma"]) == ("motion", True, None)
+        paper = cfg["model"]["init_args"]
+        assert (paper["baseline"], paper["start_at_blend"], paper["diffusion"]) == ("linear", False, None)
 
 
 # --------------------------------------------------------------------------------------------------- the chain

@@ -10,16 +10,20 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch import Tensor
 
 from lightning_mav.checkpoints import CheckpointError
+from lightning_mav.nn.motion import phase_shift, translate
 from lightning_mav.pipeline import load_stage
 from lightning_mav.stages.decoder import DecoderStage
 from lightning_mav.stages.interpolation import (
+    BASELINES,
     InterpolationStage,
     extrapolation_mask,
     interpolation_mask,
     linear_blend,
     mask_condition,
+    motion_blend,
     random_masks,
 )
 from lightning_mav.stages.superres import SuperResStage
@@ -241,16 +245,17 @@ def test_residual_diffuses_the_difference_to_the_linear_blend(monkeypatch: pytes
     torch.testing.assert_close(targets[0], x0 - linear_blend(x0, masks))
 
 
-def test_start_at_blend_samples_the_linear_blend_from_a_trained_D_t(chain: dict) -> None:
+@pytest.mark.parametrize("baseline", ["linear", "motion"])
+def test_start_at_blend_samples_the_baseline_from_a_trained_D_t(chain: dict, baseline: str) -> None:
     """x0 objective + ``start_at_blend``: the trained D_t's output layer is zeroed, so ↑F's sample at init is exactly
-    the linear blend of the known frames, whatever the noise; the v-objective ↑F from the same D_t is not."""
+    the baseline blend of the known frames, whatever the noise; the v-objective ↑F from the same D_t is not."""
     video = torch.rand(2, 3, 6, 16, 16) * 2 - 1
     known = interpolation_mask(6, 5)
-    blend = linear_blend(video, known.expand(2, 6))
+    blend = BASELINES[baseline](video, known.expand(2, 6))
     y_e = inputs()["y_e"]
     x0_diffusion = {"objective": "x0"}
     up_F = InterpolationStage(unet=DT_UNET, image_size=16, init_from=chain["dt_ckpt"], diffusion=x0_diffusion,
-                              start_at_blend=True, sample_steps=3).eval()
+                              start_at_blend=True, sample_steps=3, baseline=baseline).eval()
     assert up_F.unet.out_conv.temporal.weight.abs().sum() > 0  # kept: the spatial part's gradient flows through it
     for seed in (0, 1):
         out = up_F.sample(y_e, video=video, known=known, fps=8.0, generator=torch.Generator().manual_seed(seed))
@@ -258,6 +263,48 @@ def test_start_at_blend_samples_the_linear_blend_from_a_trained_D_t(chain: dict)
     plain = InterpolationStage(unet=DT_UNET, image_size=16, init_from=chain["dt_ckpt"], sample_steps=3).eval()
     out = plain.sample(y_e, video=video, known=known, fps=8.0, generator=torch.Generator().manual_seed(0))
     assert (out - blend).abs().max() > 0.05
+
+
+def moving_square(frames: int, step: tuple[int, int], start: tuple[int, int] = (4, 4), size: int = 32,
+                  side: int = 6) -> Tensor:
+    """A red square on gray moving ``step`` = (dy, dx) pixels per frame: ``[1, 3, frames, size, size]`` in [-1, 1]."""
+    video = torch.full((1, 3, frames, size, size), -0.2)
+    for t in range(frames):
+        y, x = start[0] + step[0] * t, start[1] + step[1] * t
+        video[0, :, t, y:y + side, x:x + side] = torch.tensor([1.0, -1.0, -1.0])[:, None, None]
+    return video
+
+
+def test_motion_blend_puts_a_moving_object_where_it_is() -> None:
+    """A square moving 1 px per frame, every 5th frame known: the motion-compensated blend is the real in-between
+    frame (one object), the linear blend two half-strength copies; known frames come back exactly, frames past the
+    last known one hold it, and with no motion the two blends agree."""
+    video = moving_square(13, (1, 2))
+    known = interpolation_mask(13, 5)[None]  # frames 0, 5, 10
+    moved, faded = motion_blend(video, known), linear_blend(video, known)
+    torch.testing.assert_close(moved[:, :, :11], video[:, :, :11], rtol=0, atol=1e-5)
+    assert (faded[:, :, 2] - video[:, :, 2]).abs().max() > 0.5
+    torch.testing.assert_close(moved[:, :, known[0]], video[:, :, known[0]], rtol=0, atol=0)
+    torch.testing.assert_close(moved[:, :, 11:], video[:, :, 10:11].expand(-1, -1, 2, -1, -1), rtol=0, atol=0)
+    still = video[:, :, :1].expand(-1, -1, 13, -1, -1) + 0.1 * torch.rand(1, 3, 1, 32, 32)
+    torch.testing.assert_close(motion_blend(still, known), linear_blend(still, known), rtol=0, atol=1e-5)
+    assert not motion_blend(video, torch.zeros_like(known)).any()
+
+
+def test_phase_shift_finds_the_translation_between_two_frames() -> None:
+    """Integer and half-pixel translations of a square are recovered (sign: ``translate(a, d)`` is ``b``); a flat
+    frame has no translation."""
+    a = moving_square(1, (0, 0), start=(10, 7))[:, :, 0]
+    for d in ([3.0, -2.0], [-7.0, 4.0], [0.0, 0.0], [1.5, -0.5]):
+        shift = torch.tensor([d])
+        found = phase_shift(a, translate(a, shift))
+        torch.testing.assert_close(found, shift, rtol=0, atol=0.05 if 0.5 in map(abs, d) else 1e-4)
+    assert not phase_shift(torch.zeros(1, 3, 8, 8), a[:, :, :8, :8]).any()
+
+
+def test_baseline_must_be_known() -> None:
+    with pytest.raises(ValueError, match=r"^baseline must be one of \['linear', 'motion'\], got 'flow'$"):
+        InterpolationStage(unet=DT_UNET, image_size=16, baseline="flow")
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

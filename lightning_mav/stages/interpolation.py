@@ -20,8 +20,10 @@ would dilute the gradient of the frames that matter (docs/choices.md#f-loss-on-t
 (:func:`linear_blend`), as the SR stages diffuse the detail over bicubic upsampling: the network adds what the blend
 gets wrong (an object that moves instead of cross-fading) instead of redrawing the frame, and the known frames are
 exactly 0 in that space: a briefly trained ↑F scores far better on held-out frames than one that diffuses the frames
-(docs/choices.md#f-residual-over-the-linear-blend). ``residual=False`` diffuses the frames themselves (then ↑F at
-init is D_t).
+(docs/choices.md#f-residual-over-the-linear-blend). ``baseline="motion"`` blends the known frames after moving them
+along their translation (:func:`motion_blend`), so an object in constant motion is already where it belongs
+(docs/choices.md#f-motion-compensated-baseline). ``residual=False`` diffuses the frames themselves (then ↑F at init
+is D_t).
 
 Inference: :meth:`InterpolationStage.interpolate` takes ``F`` frames to ``(F - 1)·skip + 1`` (16 -> 76 at the paper's
 skip 5) by tiling it with windows of the trained length that start and end on known frames (a 16-frame window holds 4
@@ -39,6 +41,7 @@ from torch import Tensor
 
 from lightning_mav.checkpoints import NEW_EXTRA_IN
 from lightning_mav.diffusion import repeat_to_batch
+from lightning_mav.nn.motion import phase_shift, translate
 from lightning_mav.stages.decoder import DecoderStage
 
 EXTRA_IN_CHANNELS = 4  # RGB of the known frames + the known-frame mask
@@ -90,24 +93,56 @@ def mask_condition(video: Tensor, known: Tensor) -> Tensor:
     return torch.cat([video * m, m.expand(-1, 1, -1, *video.shape[-2:])], dim=1)
 
 
+def _neighbours(known: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For every frame of ``known [B, F]`` bool: the nearest known frame before it and after it (a known frame is
+    its own; the one known neighbour on both sides beyond the first / last known frame) and the blend weight of the
+    one after, each ``[B, F]``."""
+    b, f = known.shape
+    pos = torch.arange(f, device=known.device, dtype=torch.float32).expand(b, f)
+    prev = torch.where(known, pos, torch.full_like(pos, -1.0)).cummax(dim=1).values  # -1: none before
+    nxt = torch.where(known, pos, torch.full_like(pos, float(f))).flip(1).cummin(dim=1).values.flip(1)  # f: none after
+    prev, nxt = torch.where(prev < 0, nxt, prev), torch.where(nxt >= f, prev, nxt)
+    weight = torch.where(nxt > prev, (pos - prev) / (nxt - prev).clamp_min(1), torch.zeros_like(pos))
+    return prev.clamp(0, f - 1).long(), nxt.clamp(0, f - 1).long(), weight
+
+
+def _frames_at(video: Tensor, index: Tensor) -> Tensor:
+    """``video [B, C, F, H, W]`` gathered at frame ``index [B, F]``."""
+    b, c, f, h, w = video.shape
+    return torch.gather(video, 2, index[:, None, :, None, None].expand(b, c, f, h, w))
+
+
 def linear_blend(video: Tensor, known: Tensor) -> Tensor:
     """Every frame of ``video [B, C, F, H, W]`` as the linear blend of the nearest known frames before and after it
     (the nearest known frame alone beyond the first / last one; zeros for a clip without known frames). Known frames
     come back unchanged. ``known [B, F]`` bool."""
-    b, c, f, h, w = video.shape
-    pos = torch.arange(f, device=video.device, dtype=torch.float32).expand(b, f)
-    prev = torch.where(known, pos, torch.full_like(pos, -1.0)).cummax(dim=1).values  # -1: none before
-    nxt = torch.where(known, pos, torch.full_like(pos, float(f))).flip(1).cummin(dim=1).values.flip(1)  # f: none after
-    prev, nxt = torch.where(prev < 0, nxt, prev), torch.where(nxt >= f, prev, nxt)
-    weight = torch.where(nxt > prev, (pos - prev) / (nxt - prev).clamp_min(1), torch.zeros_like(pos))  # of `nxt`
-
-    def frames_at(index: Tensor) -> Tensor:
-        index = index.clamp(0, f - 1).long()[:, None, :, None, None].expand(b, c, f, h, w)
-        return torch.gather(video, 2, index)
-
+    prev, nxt, weight = _neighbours(known)
     weight = weight[:, None, :, None, None].to(video.dtype)
-    blend = (1 - weight) * frames_at(prev) + weight * frames_at(nxt)
+    blend = (1 - weight) * _frames_at(video, prev) + weight * _frames_at(video, nxt)
     return blend * known.any(dim=1)[:, None, None, None, None].to(video.dtype)
+
+
+def motion_blend(video: Tensor, known: Tensor) -> Tensor:
+    """:func:`linear_blend` with motion compensation: the known frames before and after an unknown one are moved
+    along the translation between them (:func:`lightning_mav.nn.motion.phase_shift`) to where it carries them at
+    that frame, then blended. An object moving at constant velocity lands where it is, as one object, where the
+    linear blend cross-fades two half-strength copies (docs/choices.md#f-motion-compensated-baseline). Beyond the
+    first / last known frame it holds that frame, as the linear blend does. ``video [B, C, F, H, W]``, ``known
+    [B, F]`` bool."""
+    prev, nxt, weight = _neighbours(known)
+    before, after = _frames_at(video, prev), _frames_at(video, nxt)
+    flat = lambda x: rearrange(x, "b c f h w -> (b f) c h w")  # noqa: E731
+    with torch.autocast(video.device.type, enabled=False):  # FFTs and grid sampling in fp32
+        d = phase_shift(flat(before), flat(after))  # [(B F), 2]: prev -> next known frame
+        a = rearrange(weight, "b f -> (b f) 1").float()
+        moved = ((1 - a[:, :, None, None]) * translate(flat(before).float(), a * d)
+                 + a[:, :, None, None] * translate(flat(after).float(), -(1 - a) * d))
+    blend = rearrange(moved, "(b f) c h w -> b c f h w", b=video.shape[0]).to(video.dtype)
+    blend = torch.where(known[:, None, :, None, None], video, blend)
+    return blend * known.any(dim=1)[:, None, None, None, None].to(video.dtype)
+
+
+BASELINES = {"linear": linear_blend, "motion": motion_blend}
 
 
 def write_back(x: Tensor, known_frames: Tensor, known: Tensor) -> Tensor:
@@ -128,13 +163,16 @@ class InterpolationStage(DecoderStage):
         skips: frame skips ``k`` of the interpolation masks (paper: 5). Several teach one network every factor.
         extrapolation_prob: fraction of masks that keep a prefix or suffix instead.
         loss_on_known: also count the known frames in the loss (see the module docstring for why not).
-        residual: diffuse the difference to the linear blend of the known frames (:func:`linear_blend`) instead of
-            the frames themselves, as the SR stages do over bicubic upsampling: the network only adds what the blend
-            gets wrong, and its known frames are exactly 0.
+        residual: diffuse the difference to the ``baseline`` blend of the known frames instead of the frames
+            themselves, as the SR stages do over bicubic upsampling: the network only adds what the blend gets
+            wrong, and its known frames are exactly 0.
+        baseline: the blend ``residual`` diffuses over: ``"linear"`` (:func:`linear_blend`, a cross-fade) or
+            ``"motion"`` (:func:`motion_blend`: the known frames moved along their translation before blending;
+            docs/choices.md#f-motion-compensated-baseline).
         guidance_scale: default guidance of :meth:`sample`; the known frames already pin the content, so 1
             (no guidance, half the compute) is the default.
         start_at_blend: zero the output convolution's 2-D part after loading D_t. With ``residual`` and the x0
-            objective (``diffusion: {objective: x0}``) ↑F then starts as exactly the linear blend, and training
+            objective (``diffusion: {objective: x0}``) ↑F then starts as exactly the ``baseline`` blend, and training
             only adds the corrections that lower the loss; D_t's output layer predicts v of whole frames, which
             means nothing in the residual space (docs/choices.md#f-x0-objective-starting-at-the-blend).
         options: D_t's (``clip_ckpt``, ``init_from``, ``freeze_spatial``: only the new ``extra_in`` convolution,
@@ -154,8 +192,11 @@ class InterpolationStage(DecoderStage):
         residual: bool = True,
         guidance_scale: float = 1.0,
         start_at_blend: bool = False,
+        baseline: Literal["linear", "motion"] = "linear",
         **options: Any,
     ) -> None:
+        if baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {sorted(BASELINES)}, got {baseline!r}")
         if not skips or min(skips) < 1:
             raise ValueError(f"skips must be positive frame skips, got {skips!r}")
         if not 0.0 <= extrapolation_prob <= 1.0:
@@ -166,6 +207,7 @@ class InterpolationStage(DecoderStage):
         super().__init__(unet=unet, joint_image_prob=0.0, guidance_scale=guidance_scale, **options)
         self.num_frames, self.skips = num_frames, tuple(int(k) for k in skips)
         self.extrapolation_prob, self.loss_on_known, self.residual = extrapolation_prob, loss_on_known, residual
+        self.blend = BASELINES[baseline]  # [B, C, F, H, W], known [B, F] -> the frames ``residual`` diffuses over
         if start_at_blend:
             if not residual or self.diffusion.objective != "x0":
                 raise ValueError(f"start_at_blend needs residual: true and diffusion objective x0 (a zero output is "
@@ -218,7 +260,7 @@ class InterpolationStage(DecoderStage):
             drop = torch.rand(b, generator=generator).to(video.device) < self.cond_drop_prob
         weights = None if self.loss_on_known else (~known)[:, None, :, None, None].float()  # [B, 1, F, 1, 1]
         fn = self.model_fn(image_embed, fps=fps, drop=drop, frames=x0, known=known)
-        target = x0 - linear_blend(x0, known) if self.residual else x0
+        target = x0 - self.blend(x0, known) if self.residual else x0
         return self.diffusion.loss(fn, target, weights=weights, generator=generator), b
 
     # ------------------------------------------------------------------ sampling
@@ -272,7 +314,7 @@ class InterpolationStage(DecoderStage):
             noise = self.diffusion.noise(video.shape, generator=generator, device=self.device)
         noise = noise.to(self.device, torch.float32)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        base = linear_blend(video, known) if self.residual else None
+        base = self.blend(video, known) if self.residual else None
         fn = self.model_fn(image_embed, fps=fps, frames=video, known=known, known_noise=noise,
                            known_x0=None if base is None else video - base)
         out = self.diffusion.sample(fn, noise=noise, steps=steps or self.sample_steps, sampler=sampler or self.sampler,
