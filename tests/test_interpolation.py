@@ -276,7 +276,7 @@ def moving_square(frames: int, step: tuple[int, int], start: tuple[int, int] = (
 
 
 def test_motion_blend_puts_a_moving_object_where_it_is() -> None:
-    """A square moving 1 px per frame, every 5th frame known: the motion-compensated blend is the real in-between
+    """A square moving (1, 2) px per frame, every 5th frame known: the motion-compensated blend is the real in-between
     frame (one object), the linear blend two half-strength copies; known frames come back exactly, frames past the
     last known one hold it, and with no motion the two blends agree."""
     video = moving_square(13, (1, 2))
